@@ -1,0 +1,7 @@
+//! Behaviour of the core against a scripted backend, on tokio's paused clock.
+
+mod environments;
+mod executions;
+mod pools;
+mod runners;
+mod support;

@@ -1,0 +1,109 @@
+//! Shared helpers: one runtime per test binary (its own cgroup name and state directory, so
+//! test binaries never collide), unique sandbox names, and a "run to completion" helper.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use poseidon_sandbox::{
+    ExitInfo, Limits, Process, ProcessSpec, Runtime, RuntimeConfig, Sandbox, SandboxSpec,
+};
+use tokio::io::AsyncReadExt;
+
+pub const UID_BASE: u32 = 300_000;
+pub const CGROUP_NAME: &str = "poseidon-test-sandbox";
+
+pub fn state_dir(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("poseidon-sandbox-test-{tag}"))
+}
+
+pub fn config(cgroup_name: &str, tag: &str) -> RuntimeConfig {
+    RuntimeConfig {
+        state_dir: state_dir(tag),
+        init_program: env!("CARGO_BIN_EXE_poseidon-sandbox-init").into(),
+        init_args: Vec::new(),
+        cgroup_name: cgroup_name.into(),
+        uid_base: UID_BASE,
+        defaults: Limits {
+            memory_mb: Some(256),
+            pids: Some(128),
+            disk_mb: Some(64),
+            ..Limits::default()
+        },
+    }
+}
+
+pub fn runtime() -> &'static Runtime {
+    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| Runtime::new(config(CGROUP_NAME, "main")).expect("runtime"))
+}
+
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+pub async fn sandbox(limits: Limits) -> Sandbox {
+    let rt = runtime();
+    rt.create(SandboxSpec { name: unique_name("t"), image: rt.host_image(), limits })
+        .await
+        .expect("create sandbox")
+}
+
+pub fn batch(command: &str) -> ProcessSpec {
+    ProcessSpec { command: command.into(), ..ProcessSpec::default() }
+}
+
+pub fn privileged(command: &str) -> ProcessSpec {
+    ProcessSpec { privileged: true, ..batch(command) }
+}
+
+/// The collected output of an execution.
+#[derive(Debug)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+    pub exit: ExitInfo,
+}
+
+/// Reads both outputs to the end, then waits; everything bounded by 30 s.
+pub async fn finish(mut process: Process) -> Output {
+    let collect = async {
+        let mut stdout = process.stdout.take();
+        let mut stderr = process.stderr.take();
+        let read_out = async {
+            let mut buf = Vec::new();
+            if let Some(s) = stdout.as_mut() {
+                s.read_to_end(&mut buf).await.expect("stdout");
+            }
+            buf
+        };
+        let read_err = async {
+            let mut buf = Vec::new();
+            if let Some(s) = stderr.as_mut() {
+                s.read_to_end(&mut buf).await.expect("stderr");
+            }
+            buf
+        };
+        // Concurrently: `wait` kills what the main process left behind, which is what lets
+        // the outputs reach end-of-file.
+        let (out, err, exit) = tokio::join!(read_out, read_err, process.wait());
+        let exit = exit.expect("wait");
+        Output {
+            stdout: String::from_utf8_lossy(&out).into_owned(),
+            stderr: String::from_utf8_lossy(&err).into_owned(),
+            exit,
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), collect)
+        .await
+        .expect("execution finished in time")
+}
+
+pub async fn run(sandbox: &Sandbox, spec: ProcessSpec) -> Output {
+    let mut process = sandbox.spawn(spec).await.expect("spawn");
+    drop(process.stdin.take());
+    finish(process).await
+}

@@ -1,0 +1,67 @@
+//! The command line.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "poseidon",
+    version,
+    about = "Runs learners' code for CodeOcean in isolated runners"
+)]
+pub struct Cli {
+    /// The YAML configuration file (default: ./configuration.yaml, if it exists).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Subcommand)]
+pub enum Command {
+    /// Serve the API (what `poseidon` alone does).
+    #[default]
+    Serve,
+    /// Print the version.
+    Version,
+}
+
+/// Go Poseidon's flag is `-config`; systemd units written for it keep working.
+pub fn normalize_go_flags(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    args.into_iter()
+        .map(|arg| match arg.to_str() {
+            Some("-config") => OsString::from("--config"),
+            Some(other) if other.starts_with("-config=") => OsString::from(format!("-{other}")),
+            _ => arg,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(normalize_go_flags(args.iter().map(OsString::from))).unwrap()
+    }
+
+    #[test]
+    fn serve_is_the_default_and_go_flags_work() {
+        let cli = parse(&["poseidon"]);
+        assert!(cli.command.is_none() && cli.config.is_none());
+        let cli = parse(&["poseidon", "-config", "/etc/p.yaml"]);
+        assert_eq!(cli.config, Some(PathBuf::from("/etc/p.yaml")));
+        let cli = parse(&["poseidon", "serve", "-config=/etc/q.yaml"]);
+        assert!(matches!(cli.command, Some(Command::Serve)));
+        assert_eq!(cli.config, Some(PathBuf::from("/etc/q.yaml")));
+        assert!(matches!(parse(&["poseidon", "version"]).command, Some(Command::Version)));
+    }
+
+    #[test]
+    fn the_sandbox_entry_point_is_not_a_subcommand() {
+        let args = ["poseidon", "sandbox-init"].map(OsString::from);
+        assert!(Cli::try_parse_from(args).is_err());
+    }
+}

@@ -1,0 +1,179 @@
+//! `poseidon serve`: configuration → logging → backend → core → restore → listen → shutdown.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum_server::tls_rustls::RustlsConfig;
+use poseidon_api::{ApiConfig, AppState, ServeOptions};
+use poseidon_core::{Core, CoreConfig};
+use poseidon_local::{LocalBackend, LocalConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, LogFormatter, LogLevel, TlsConfig};
+
+/// Our crates log at `logger.level`; libraries only warnings, so that `DEBUG` stays readable.
+const OUR_CRATES: [&str; 5] =
+    ["poseidon", "poseidon_api", "poseidon_core", "poseidon_local", "poseidon_sandbox"];
+
+/// The crate version, plus the git revision when the build set `POSEIDON_GIT_REVISION`.
+pub fn version() -> String {
+    match option_env!("POSEIDON_GIT_REVISION") {
+        Some(revision) if !revision.is_empty() => {
+            format!("{}+{revision}", env!("CARGO_PKG_VERSION"))
+        }
+        _ => env!("CARGO_PKG_VERSION").to_owned(),
+    }
+}
+
+pub fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
+    let env = std::env::vars_os()
+        .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)));
+    let config = Config::load(config_file, env)?;
+    init_logging(config.logger.level, config.logger.formatter);
+    warn_about_ignored_settings(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+fn init_logging(level: LogLevel, formatter: LogFormatter) {
+    let level = match level {
+        LogLevel::Trace => "trace",
+        LogLevel::Debug => "debug",
+        LogLevel::Info => "info",
+        LogLevel::Warn => "warn",
+        LogLevel::Error => "error",
+    };
+    let directives = OUR_CRATES.iter().map(|name| format!("{name}={level}"));
+    let filter = std::iter::once("warn".to_owned()).chain(directives).collect::<Vec<_>>().join(",");
+    // Internal errors of the logger (e.g. a closed stderr) must not panic a task, not even
+    // the one that shuts the server down.
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false)
+        .with_env_filter(EnvFilter::new(filter));
+    match formatter {
+        LogFormatter::Text => builder.init(),
+        LogFormatter::Json => builder.json().init(),
+    }
+}
+
+fn warn_about_ignored_settings(config: &Config) {
+    if config.server.systemdsocketactivation {
+        tracing::warn!("server.systemdsocketactivation is not supported; opening our own listener");
+    }
+    if !config.server.templatejobfile.is_empty() {
+        tracing::warn!("server.templatejobfile only applies to the Nomad backend; ignored");
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let backend =
+        LocalBackend::new(local_config(&config)?).context("cannot start the local backend")?;
+    let core = Core::new(Arc::new(backend), core_config(&config));
+    // Like Go, serve only once the persisted environments are back.
+    let restored = core.restore().await.context("cannot restore the execution environments")?;
+    tracing::info!(restored, "execution environments restored");
+
+    let tls = match config.server.tls.active {
+        true => Some(tls_config(&config.server.tls).await?),
+        false => None,
+    };
+    let listener = bind(&config)?;
+    let address = listener.local_addr()?;
+    tracing::info!(%address, tls = tls.is_some(), "listening");
+    let state = AppState::new(core.clone(), api_config(&config, address));
+    let options = ServeOptions {
+        tls,
+        shutdown_grace: Duration::from_secs(config.limits.shutdowngrace),
+        ..ServeOptions::default()
+    };
+    let served = poseidon_api::serve(listener, state, options, shutdown_signal()).await;
+    core.shutdown().await;
+    tracing::info!("stopped");
+    served.context("serving the API failed")
+}
+
+fn local_config(config: &Config) -> anyhow::Result<LocalConfig> {
+    let local = &config.local;
+    Ok(LocalConfig {
+        state_dir: config.statedir.join("local"),
+        init_program: std::env::current_exe().context("cannot find our own executable")?,
+        init_args: vec![crate::SANDBOX_INIT.into()],
+        cgroup_name: local.cgroupname.clone(),
+        uid_base: local.uidbase,
+        images: local.images.clone(),
+        default_image: config.default_image(),
+        memory_limit_mb: local.memorylimit,
+        cpu_floor_mhz: local.cpufloor,
+        pids_limit: local.pidslimit,
+        disk_limit_mb: local.disklimit,
+        nofile_limit: local.nofilelimit,
+    })
+}
+
+fn core_config(config: &Config) -> CoreConfig {
+    CoreConfig {
+        state_dir: Some(config.statedir.clone()),
+        separate_stderr: config.server.interactivestderr,
+        max_stored_executions: config.limits.storedexecutions,
+        stored_execution_ttl: Duration::from_secs(config.limits.storedexecutionttl),
+        creation_concurrency: config.limits.creationconcurrency,
+    }
+}
+
+fn api_config(config: &Config, address: std::net::SocketAddr) -> ApiConfig {
+    let mut api = ApiConfig::new(address);
+    api.token = Some(config.server.token.clone()).filter(|token| !token.is_empty());
+    api.tls_active = config.server.tls.active;
+    api.prewarming_pool_threshold = config.server.alert.prewarmingpoolthreshold;
+    api.max_body_bytes = config.limits.maxbodybytes;
+    api.max_upload_bytes = config.limits.maxuploadbytes;
+    api.version = match config.sentry.release.as_str() {
+        "" => version(),
+        release => release.to_owned(),
+    };
+    api
+}
+
+fn bind(config: &Config) -> anyhow::Result<TcpListener> {
+    let address = (config.listen_host(), config.server.port);
+    TcpListener::bind(address)
+        .with_context(|| format!("cannot listen on {}:{}", address.0, address.1))
+}
+
+/// TLS 1.3 only, like Go Poseidon.
+async fn tls_config(tls: &TlsConfig) -> anyhow::Result<RustlsConfig> {
+    // Several crates may try to install a provider; the first one wins and that is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let certificates = CertificateDer::pem_file_iter(&tls.certfile)
+        .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("cannot read server.tls.certfile {}", tls.certfile.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.keyfile)
+        .with_context(|| format!("cannot read server.tls.keyfile {}", tls.keyfile.display()))?;
+    let mut server =
+        rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+            .with_no_client_auth()
+            .with_single_cert(certificates, key)
+            .context("invalid TLS certificate or key")?;
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(RustlsConfig::from_config(Arc::new(server)))
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        _ = interrupt.recv() => tracing::info!("SIGINT received"),
+    }
+}
