@@ -5,7 +5,8 @@ use std::io;
 use std::time::Duration;
 
 use axum_server::Handle;
-use axum_server::tls_rustls::RustlsConfig;
+use axum_server::accept::NoDelayAcceptor;
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 
 use crate::{AppState, router};
 
@@ -35,7 +36,8 @@ impl Default for ServeOptions {
     }
 }
 
-/// Serves the API on `listener` until `shutdown` completes, then stops accepting and waits up
+/// Serves the API on `listener` until `shutdown` completes (with `TCP_NODELAY`: small
+/// responses and WebSocket frames must not wait for Nagle's algorithm), then stops accepting and waits up
 /// to `shutdown_grace` for running requests and WebSocket sessions (which the HTTP server
 /// stops tracking once upgraded).
 pub async fn serve(
@@ -62,12 +64,14 @@ pub async fn serve(
     let service = router(state).into_make_service();
     let served = match options.tls {
         None => {
-            let mut server = axum_server::from_tcp(listener)?.handle(handle);
+            let mut server =
+                axum_server::from_tcp(listener)?.acceptor(NoDelayAcceptor::new()).handle(handle);
             server.http_builder().http1().header_read_timeout(options.idle_timeout);
             server.first_request_timeout(options.first_request_timeout).serve(service).await
         }
         Some(tls) => {
-            let mut server = axum_server::from_tcp_rustls(listener, tls)?.handle(handle);
+            let acceptor = RustlsAcceptor::new(tls).acceptor(NoDelayAcceptor::new());
+            let mut server = axum_server::from_tcp(listener)?.acceptor(acceptor).handle(handle);
             server.http_builder().http1().header_read_timeout(options.idle_timeout);
             server.first_request_timeout(options.first_request_timeout).serve(service).await
         }

@@ -31,6 +31,9 @@ use crate::request::QueryParams;
 use crate::runners::{claimed_runner_route, runner_id};
 use crate::ws_protocol::{ServerMessage, Utf8Decoder};
 
+/// Socket read buffer per session: clients send short stdin lines, and hundreds of sessions
+/// at once must not hold tungstenite's default 128 KiB each.
+const READ_BUFFER_BYTES: usize = 8 * 1024;
 /// Largest client frame/message we accept (stdin lines are small).
 const MAX_MESSAGE_BYTES: usize = 1 << 20;
 /// A client that does not take a frame within this time is considered gone.
@@ -62,9 +65,14 @@ async fn connect(
     let upgrade = upgrade.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let core = state.core.clone();
     let sessions = state.sessions.clone();
-    Ok(upgrade.max_message_size(MAX_MESSAGE_BYTES).max_frame_size(MAX_MESSAGE_BYTES).on_upgrade(
-        move |socket| sessions.track_future(run_session(socket, core, runner, execution)),
-    ))
+    let upgrade = upgrade
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_message_size(MAX_MESSAGE_BYTES)
+        .max_frame_size(MAX_MESSAGE_BYTES);
+    Ok(upgrade.on_upgrade(move |socket| {
+        sessions.track_future(run_session(socket, core, runner, execution))
+    }))
 }
 
 async fn run_session(mut socket: WebSocket, core: Core, runner: RunnerId, execution: ExecutionId) {

@@ -108,7 +108,8 @@ pub async fn run(
     Ok(timing)
 }
 
-async fn run_unbounded(
+/// Runs `command` on `runner` and returns whatever it ended with (the caller bounds the time).
+pub async fn run_unbounded(
     client: &Poseidon,
     runner: &str,
     command: Command<'_>,

@@ -26,7 +26,42 @@ use std::time::Duration;
 /// Load generator for Poseidon: exec latency, learner cycles, pool refill, idle footprint and
 /// concurrency, each with its baselines (fork+exec, optionally Docker).
 #[derive(Debug, Parser)]
-#[command(version, group(clap::ArgGroup::new("target").required(true).args(["url", "spawn"])))]
+#[command(version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct Cli {
+    #[command(subcommand)]
+    tool: Option<Tool>,
+    #[command(flatten)]
+    bench: Args,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Tool {
+    /// Runs one command on a claimed runner, as CodeOcean would, and prints its output.
+    Exec(ExecArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ExecArgs {
+    /// Base URL of the service, e.g. http://127.0.0.1:7200.
+    #[arg(long)]
+    url: String,
+    #[arg(long, env = "POSEIDON_TOKEN")]
+    token: Option<String>,
+    /// The runner id from `POST /runners`.
+    #[arg(long)]
+    runner: String,
+    #[arg(long)]
+    command: String,
+    /// One line of input for the program (a newline is added).
+    #[arg(long)]
+    stdin: Option<String>,
+    /// Seconds before the execution gets `timeout`.
+    #[arg(long, default_value_t = 10)]
+    time_limit: u64,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["url", "spawn"])))]
 struct Args {
     /// Base URL of a running service, e.g. http://127.0.0.1:7200.
     #[arg(long)]
@@ -106,8 +141,12 @@ impl Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(&args).await {
+    let cli = Cli::parse();
+    let result = match &cli.tool {
+        Some(Tool::Exec(exec)) => run_exec(exec).await,
+        None => run(&cli.bench).await,
+    };
+    match result {
         Ok(code) => code,
         Err(error) => {
             eprintln!("poseidon-bench: {error:#}");
@@ -156,6 +195,31 @@ async fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     outcome?;
     Ok(exit_code(&report, args.smoke))
+}
+
+/// `poseidon-bench exec`: one execution, its output on stdout/stderr and its outcome last.
+async fn run_exec(exec: &ExecArgs) -> anyhow::Result<ExitCode> {
+    let client =
+        Poseidon::new(&exec.url, exec.token.clone()).context("building the HTTP client")?;
+    let stdin = exec.stdin.as_ref().map(|line| format!("{line}\n"));
+    let command = execution::Command {
+        line: &exec.command,
+        stdin: stdin.as_deref(),
+        time_limit_secs: exec.time_limit,
+        connected: None,
+    };
+    let limit = Duration::from_secs(exec.time_limit.saturating_add(10));
+    let timing =
+        tokio::time::timeout(limit, execution::run_unbounded(&client, &exec.runner, command))
+            .await
+            .context("the execution did not end in time")??;
+    print!("{}", timing.stdout);
+    eprint!("{}", timing.stderr);
+    eprintln!("[{:?} after {:.1} ms]", timing.outcome, timing.ended.as_secs_f64() * 1e3);
+    Ok(match timing.outcome {
+        execution::Outcome::Exit(0) => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    })
 }
 
 /// The report's header fields, before any scenario ran.

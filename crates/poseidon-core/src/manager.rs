@@ -609,12 +609,13 @@ impl Shared {
     }
 
     /// A runner died on its own: a claimed one ends its executions and is gone; an idle one is
-    /// replaced.
+    /// replaced. A runner the core is destroying itself also ends its `lost()`; only runners
+    /// the core still holds count as lost.
     fn runner_lost(self: &Arc<Self>, id: &RunnerId, reason: LostReason) {
-        tracing::warn!(runner = %id, ?reason, "runner lost");
         let mut state = self.lock();
-        if let Some(used) = state.remove_used(id, EndReason::Lost(reason)) {
+        if let Some(used) = state.remove_used(id, EndReason::Lost(reason.clone())) {
             drop(state);
+            tracing::warn!(runner = %id, ?reason, "claimed runner lost");
             return self.destroy_in_background(vec![used.runner]);
         }
         let found = state
@@ -623,6 +624,7 @@ impl Shared {
             .find_map(|(environment, entry)| Some((*environment, entry.pool.remove_idle(id)?)));
         drop(state);
         if let Some((environment, idle)) = found {
+            tracing::warn!(runner = %id, ?reason, "idle runner lost");
             self.destroy_in_background(vec![idle.runner]);
             self.refill(environment);
         }
