@@ -79,6 +79,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "idle runner memory: {:.0} KiB each ({IDLE_RUNNERS} runners, MemAvailable delta)",
         before.saturating_sub(after) as f64 / IDLE_RUNNERS as f64
     );
+    drop(runtime);
+    std::fs::remove_dir_all(&state)?;
     Ok(())
 }
 

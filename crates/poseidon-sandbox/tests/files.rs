@@ -712,10 +712,7 @@ fn unprivileged_operations_leave_other_threads_credentials_unchanged() {
 /// One runtime for this test binary, with its own cgroup and state directory.
 fn files_runtime() -> &'static poseidon_sandbox::Runtime {
     static RUNTIME: std::sync::OnceLock<poseidon_sandbox::Runtime> = std::sync::OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        poseidon_sandbox::Runtime::new(common::config("poseidon-test-files", "files"))
-            .expect("runtime")
-    })
+    RUNTIME.get_or_init(|| common::shared_runtime("poseidon-test-files", "files"))
 }
 
 /// Parses `ls -l --time-style=+%s -1 --literal --recursive ./` the way the Go Poseidon does

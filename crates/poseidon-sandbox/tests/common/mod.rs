@@ -2,9 +2,9 @@
 //! test binaries never collide), unique sandbox names, and a "run to completion" helper.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use poseidon_sandbox::{
@@ -15,8 +15,9 @@ use tokio::io::AsyncReadExt;
 pub const UID_BASE: u32 = 300_000;
 pub const CGROUP_NAME: &str = "poseidon-test-sandbox";
 
+/// Below cargo's scratch directory for tests, so test runs leave nothing in the machine's /tmp.
 pub fn state_dir(tag: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("poseidon-sandbox-test-{tag}"))
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("poseidon-sandbox-test-{tag}"))
 }
 
 pub fn config(cgroup_name: &str, tag: &str) -> RuntimeConfig {
@@ -37,7 +38,30 @@ pub fn config(cgroup_name: &str, tag: &str) -> RuntimeConfig {
 
 pub fn runtime() -> &'static Runtime {
     static RUNTIME: OnceLock<Runtime> = OnceLock::new();
-    RUNTIME.get_or_init(|| Runtime::new(config(CGROUP_NAME, "main")).expect("runtime"))
+    RUNTIME.get_or_init(|| shared_runtime(CGROUP_NAME, "main"))
+}
+
+/// A runtime shared by a whole test binary. It lives in a static and is never dropped, so its
+/// (by then empty) top-level cgroups are removed when the test process exits.
+pub fn shared_runtime(cgroup_name: &'static str, tag: &str) -> Runtime {
+    static NAMES: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    extern "C" fn remove_top_cgroups() {
+        let names = NAMES.lock().map(|names| names.clone()).unwrap_or_default();
+        for name in names {
+            for hierarchy in ["memory", "pids", "cpu", "freezer", "unified"] {
+                let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(hierarchy).join(name));
+            }
+        }
+    }
+    let mut names = NAMES.lock().unwrap();
+    if names.is_empty() {
+        // SAFETY: registers a plain `extern "C"` function without arguments, as atexit expects;
+        // it only touches a static and the file system.
+        unsafe { libc::atexit(remove_top_cgroups) };
+    }
+    names.push(cgroup_name);
+    drop(names);
+    Runtime::new(config(cgroup_name, tag)).expect("runtime")
 }
 
 pub fn unique_name(prefix: &str) -> String {
