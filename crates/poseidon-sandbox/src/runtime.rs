@@ -7,13 +7,14 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nix::errno::Errno;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::unistd::Pid;
 use tokio::io::Interest;
@@ -133,6 +134,9 @@ impl Runtime {
                 .map_err(|source| Error::StateDir { path: dir.clone(), source })?;
         }
         make_traversable(&config.state_dir, &[&scratch_dir, &images])?;
+        // Runner inits are orphaned by their set-up process; as subreaper we reap them
+        // ourselves instead of leaving zombies to whatever PID 1 the host has.
+        nix::sys::prctl::set_child_subreaper(true).map_err(|e| Error::Io(e.into()))?;
         let layout = Layout::detect(Path::new("/sys/fs/cgroup"))?;
         layout.remove_leftovers(&config.cgroup_name)?;
         layout.create_top(&config.cgroup_name)?;
@@ -541,8 +545,10 @@ impl Sandbox {
         self.kill_init();
         self.forget_executions();
         let cgroup = self.cgroup.clone();
+        let pidfd = self.pidfd.try_clone().map_err(Error::Io)?;
         let removed = tokio::task::spawn_blocking(move || {
             cgroup.kill_all()?;
+            reap(pidfd.as_fd());
             cgroup.remove()
         })
         .await
@@ -580,6 +586,14 @@ impl Sandbox {
     }
 }
 
+/// Collects the exit status of a killed init. The runtime is the child subreaper of its inits
+/// (their parent, the set-up process, exits early), so without this they would stay zombies;
+/// where the init is not our child (e.g. another subreaper above us) there is nothing to do.
+fn reap(pidfd: BorrowedFd<'_>) {
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    while let Err(Errno::EINTR) = waitid(Id::PIDFd(pidfd), WaitPidFlag::WEXITED) {}
+}
+
 impl Drop for Sandbox {
     fn drop(&mut self) {
         if let Some(reader) = self.reader.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
@@ -589,6 +603,7 @@ impl Drop for Sandbox {
             self.kill_init();
             self.forget_executions();
             let _ = self.cgroup.kill_all();
+            reap(self.pidfd.as_fd());
             let _ = self.cgroup.remove();
         }
     }
