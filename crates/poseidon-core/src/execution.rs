@@ -28,7 +28,7 @@ const STOP_GRACE_PERIOD: Duration = Duration::from_secs(3);
 pub struct ExecutionRequest {
     pub command: String,
     pub privileged: bool,
-    /// `None` or zero: no limit.
+    /// `None`: no limit. Zero: already expired (Go's negative `timeLimit`).
     pub time_limit: Option<Duration>,
     pub environment: Vec<(String, String)>,
 }
@@ -48,9 +48,10 @@ impl ExecutionRequest {
         }
     }
 
-    /// When the time limit ends if the execution starts at `start`; `None` for no limit.
+    /// When the time limit ends if the execution starts at `start`; `None` for no limit (also
+    /// for a limit too large to represent).
     pub(crate) fn deadline(&self, start: Instant) -> Option<Instant> {
-        self.time_limit.filter(|limit| !limit.is_zero()).and_then(|limit| start.checked_add(limit))
+        self.time_limit.and_then(|limit| start.checked_add(limit))
     }
 }
 
@@ -274,15 +275,17 @@ mod tests {
     }
 
     #[test]
-    fn zero_and_huge_time_limits_mean_no_deadline() {
+    fn a_zero_limit_has_expired_and_a_huge_one_means_none() {
         let start = Instant::now();
         let mut request = ExecutionRequest {
             command: String::new(),
             privileged: false,
-            time_limit: Some(Duration::ZERO),
+            time_limit: None,
             environment: Vec::new(),
         };
         assert_eq!(request.deadline(start), None);
+        request.time_limit = Some(Duration::ZERO);
+        assert_eq!(request.deadline(start), Some(start));
         request.time_limit = Some(Duration::MAX);
         assert_eq!(request.deadline(start), None);
         request.time_limit = Some(Duration::from_secs(2));

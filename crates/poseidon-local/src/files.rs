@@ -8,11 +8,14 @@ use poseidon_core::backend::{
 use poseidon_sandbox::Sandbox;
 use poseidon_sandbox::files::{CopyItem, Entry, FilesError as SandboxFilesError, Root};
 use std::io::Read;
+use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Chunks read ahead of a slow download.
 const DOWNLOAD_CHUNKS: usize = 4;
 const DOWNLOAD_CHUNK: usize = 64 * 1024;
+/// How long a download may wait for its client to take the next chunk.
+const DOWNLOAD_STALL: Duration = Duration::from_secs(30);
 
 pub(crate) async fn update(sandbox: &Sandbox, update: FileUpdate) -> Result<(), FilesError> {
     let root = root(sandbox)?;
@@ -40,7 +43,7 @@ pub(crate) async fn read(
     let path = path.to_owned();
     let (size, reader) = blocking(move || root.open(&path, privileged)).await?;
     let (tx, rx) = mpsc::channel(DOWNLOAD_CHUNKS);
-    tokio::task::spawn_blocking(move || read_into(reader, &tx));
+    tokio::spawn(feed_download(reader, tx));
     let body =
         futures::stream::unfold(
             rx,
@@ -49,22 +52,44 @@ pub(crate) async fn read(
     Ok(FileContent { size, body: body.boxed() })
 }
 
-/// Reads `reader` to its end in chunks; stops early when the download was abandoned.
-fn read_into(mut reader: Box<dyn Read + Send>, chunks: &mpsc::Sender<std::io::Result<Bytes>>) {
+/// Reads the file chunk by chunk, each read on a blocking thread that is released right after:
+/// a client that stops reading parks no thread. One that takes nothing for
+/// [`DOWNLOAD_STALL`] loses the download, so it cannot pin the file (and a destroyed runner's
+/// storage) for as long as it keeps the connection open.
+async fn feed_download(
+    mut reader: Box<dyn Read + Send>,
+    chunks: mpsc::Sender<std::io::Result<Bytes>>,
+) {
     loop {
-        let mut buffer = vec![0; DOWNLOAD_CHUNK];
-        let chunk = match reader.read(&mut buffer) {
-            Ok(0) => return,
+        let read = tokio::task::spawn_blocking(move || {
+            let chunk = read_chunk(&mut reader);
+            (reader, chunk)
+        })
+        .await;
+        let Ok((returned, chunk)) = read else { return };
+        reader = returned;
+        let failed = match &chunk {
+            Ok(bytes) if bytes.is_empty() => return,
+            Ok(_) => false,
+            Err(_) => true,
+        };
+        if chunks.send_timeout(chunk, DOWNLOAD_STALL).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// The next chunk of `reader`; empty at its end.
+fn read_chunk(reader: &mut dyn Read) -> std::io::Result<Bytes> {
+    let mut buffer = vec![0; DOWNLOAD_CHUNK];
+    loop {
+        match reader.read(&mut buffer) {
             Ok(n) => {
                 buffer.truncate(n);
-                Ok(Bytes::from(buffer))
+                return Ok(Bytes::from(buffer));
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => Err(e),
-        };
-        let failed = chunk.is_err();
-        if chunks.blocking_send(chunk).is_err() || failed {
-            return;
+            Err(e) => return Err(e),
         }
     }
 }

@@ -6,8 +6,12 @@
 #[allow(dead_code)]
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::{TestServer, copy_entries, with_runner};
 use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpSocket;
 
 /// The entry named `name` of a recursive listing of the workspace.
 async fn entry(server: &TestServer, runner: &str, name: &str) -> Value {
@@ -191,6 +195,39 @@ async fn binary_files_round_trip_byte_for_byte() {
         }
         let listed = entry(server, runner, "./data/blob.bin").await;
         assert_eq!(listed["size"], 1 << 20);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn stalled_downloads_block_no_other_file_operation() {
+    with_runner(async |server, runner| {
+        // CodeOcean streams downloads through to a learner's browser, which may stop reading.
+        // More stalled downloads than the server has blocking threads (64) must not hold any.
+        // The file is larger than what the kernel's socket buffers absorb, and the client's
+        // receive buffer is tiny, so each download really stalls inside the server.
+        server.copy(runner, &[("big.bin", &pseudo_random_bytes(16 << 20))]).await;
+        let mut stalled = Vec::new();
+        for _ in 0..80 {
+            let socket = TcpSocket::new_v4().expect("socket");
+            socket.set_recv_buffer_size(4096).expect("small receive buffer");
+            let mut socket = socket.connect(server.addr).await.expect("connect");
+            let token = server.token.as_deref().unwrap_or_default();
+            let request = format!(
+                "GET /api/v1/runners/{runner}/files/raw?path=big.bin HTTP/1.1\r\nHost: {}\r\n\
+                 Poseidon-Token: {token}\r\n\r\n",
+                server.addr
+            );
+            socket.write_all(request.as_bytes()).await.expect("send the request");
+            stalled.push(socket);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let started = Instant::now();
+        server.list_files(runner, &[]).await.expect(200, "listing beside stalled downloads");
+        server.copy(runner, &[("small.txt", b"x")]).await;
+        server.download(runner, "small.txt", false).await.expect(200, "download");
+        assert!(started.elapsed() < Duration::from_secs(3), "file operations waited");
+        drop(stalled);
     })
     .await;
 }
