@@ -39,6 +39,8 @@ pub enum ExecError {
     Credentials { uid: u32, gid: u32, source: Errno },
     #[error("set no_new_privs: {0}")]
     NoNewPrivs(#[source] Errno),
+    #[error("limit the capabilities: {0}")]
+    Capabilities(#[source] std::io::Error),
     #[error("install the seccomp filter: {0}")]
     Seccomp(#[source] seccompiler::Error),
     #[error("change to directory {path}: {source}")]
@@ -132,10 +134,43 @@ fn close_other_fds(report: BorrowedFd<'_>) -> Result<(), ExecError> {
     sys::close_range(keep + 1, u32::MAX).map_err(ExecError::CloseFds)
 }
 
+/// What a privileged execution keeps: Docker's default set without `NET_RAW` and `MKNOD`.
+/// `SYS_ADMIN`, `NET_ADMIN` and the rest would open kernel interfaces (nf_tables, mounts,
+/// BPF) that learners never need and that are the usual way out of a user namespace.
+const PRIVILEGED_CAPABILITIES: [u32; 12] = [
+    0,  // CHOWN
+    1,  // DAC_OVERRIDE
+    3,  // FOWNER
+    4,  // FSETID
+    5,  // KILL
+    6,  // SETGID
+    7,  // SETUID
+    8,  // SETPCAP
+    10, // NET_BIND_SERVICE
+    18, // SYS_CHROOT
+    29, // AUDIT_WRITE
+    31, // SETFCAP
+];
+
+/// Every other capability leaves the bounding set, so root's `execve` cannot regain it.
+fn limit_root_capabilities() -> Result<(), std::io::Error> {
+    for capability in (0..64).filter(|c| !PRIVILEGED_CAPABILITIES.contains(c)) {
+        match sys::drop_bounding_capability(capability) {
+            // Numbers above the kernel's last capability do not exist.
+            Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
+            Err(errno) => return Err(errno.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Supplementary groups, gid, uid. Leaving uid 0 clears all capabilities; root of the user
-/// namespace keeps its namespaced ones (and seccomp bounds what they reach).
+/// namespace keeps only [`PRIVILEGED_CAPABILITIES`] (and seccomp bounds what they reach).
 fn drop_privileges(uid: u32, gid: u32) -> Result<(), ExecError> {
     let error = |source| ExecError::Credentials { uid, gid, source };
+    if uid == 0 {
+        limit_root_capabilities().map_err(ExecError::Capabilities)?;
+    }
     let (u, g) = (Uid::from_raw(uid), Gid::from_raw(gid));
     nix::unistd::setgroups(&[g]).map_err(error)?;
     nix::unistd::setresgid(g, g, g).map_err(error)?;

@@ -12,6 +12,9 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
+/// `open_tree_attr` (Linux 6.15, the same number on every architecture); too new for `libc`.
+const SYS_OPEN_TREE_ATTR: i64 = 467;
+
 /// System calls refused with `EPERM`, with the reason a learner does not need them.
 pub const DENIED: &[(&str, i64)] = &[
     // File system layout: the runner's mounts are fixed.
@@ -25,6 +28,7 @@ pub const DENIED: &[(&str, i64)] = &[
     ("move_mount", libc::SYS_move_mount),
     ("open_tree", libc::SYS_open_tree),
     ("mount_setattr", libc::SYS_mount_setattr),
+    ("open_tree_attr", SYS_OPEN_TREE_ATTR),
     ("quotactl", libc::SYS_quotactl),
     ("quotactl_fd", libc::SYS_quotactl_fd),
     ("open_by_handle_at", libc::SYS_open_by_handle_at),

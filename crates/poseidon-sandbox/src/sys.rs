@@ -142,3 +142,13 @@ pub fn release_free_heap() {
     // SAFETY: `malloc_trim` only manipulates the allocator's own free lists.
     unsafe { libc::malloc_trim(0) };
 }
+
+/// Removes `capability` from the calling process's bounding set, so that no later `execve`
+/// (as root of the user namespace) can gain it back.
+pub fn drop_bounding_capability(capability: u32) -> nix::Result<()> {
+    // SAFETY: PR_CAPBSET_DROP takes a capability number by value; the kernel reads no memory of
+    // this process.
+    let rc =
+        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(capability), 0, 0, 0) };
+    Errno::result(rc).map(drop)
+}

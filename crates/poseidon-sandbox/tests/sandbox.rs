@@ -482,3 +482,19 @@ async fn zero_limits_are_refused() {
         assert!(rt.create(spec).await.is_err());
     }
 }
+
+#[tokio::test]
+async fn privileged_executions_keep_only_a_container_roots_capabilities() {
+    let sb = sandbox(Limits::default()).await;
+    let caps = "grep -E '^Cap(Eff|Bnd)' /proc/self/status";
+    let root = run(&sb, privileged(caps)).await;
+    // CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP NET_BIND_SERVICE SYS_CHROOT
+    // AUDIT_WRITE SETFCAP; no SYS_ADMIN, NET_ADMIN, NET_RAW, SYS_PTRACE, ...
+    assert_eq!(root.stdout, "CapEff:\t00000000a00405fb\nCapBnd:\t00000000a00405fb\n", "{root:?}");
+    let user = run(&sb, batch(caps)).await;
+    assert!(user.stdout.starts_with("CapEff:\t0000000000000000\n"), "{user:?}");
+    // The dropped capabilities stay dropped for what root starts, and their syscalls fail.
+    let admin = run(&sb, privileged("hostname other")).await;
+    assert_ne!(admin.exit.code, Some(0), "root changed the hostname: {admin:?}");
+    sb.destroy().await.unwrap();
+}
