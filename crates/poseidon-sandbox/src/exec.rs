@@ -39,6 +39,8 @@ pub enum ExecError {
     Credentials { uid: u32, gid: u32, source: Errno },
     #[error("set no_new_privs: {0}")]
     NoNewPrivs(#[source] Errno),
+    #[error("raise the OOM score: {0}")]
+    OomScore(#[source] std::io::Error),
     #[error("limit the capabilities: {0}")]
     Capabilities(#[source] std::io::Error),
     #[error("install the seccomp filter: {0}")]
@@ -91,6 +93,7 @@ fn steps(
         sys::set_controlling_tty(std::io::stdin().as_fd()).map_err(ExecError::ControllingTty)?;
     }
     join_cgroup(&cgroup_procs)?;
+    prefer_for_oom_kill()?;
     drop((stdin, stdout, stderr, cgroup_procs));
     close_other_fds(report)?;
     let nofile = lowered_nofile(request.nofile).map_err(ExecError::Limits)?;
@@ -123,6 +126,17 @@ fn attach_stdio(stdin: &OwnedFd, stdout: &OwnedFd, stderr: &OwnedFd) -> Result<(
 /// whoever opened the file: the service (host root).
 fn join_cgroup(procs: &OwnedFd) -> Result<(), ExecError> {
     nix::unistd::write(procs, b"0").map(drop).map_err(ExecError::JoinCgroup)
+}
+
+/// Makes the execution the out-of-memory killer's choice before the runner's init (which
+/// stays at 0): a memory hog should lose its execution, not the whole runner. Lowering the
+/// value again needs `CAP_SYS_RESOURCE`, which nothing in a runner has, but it may go back
+/// to 0, where the OOM killer still weighs memory use.
+fn prefer_for_oom_kill() -> Result<(), ExecError> {
+    // Inherited from the init, non-dumpability makes our /proc files the host root's; the
+    // `execve` ahead makes the process dumpable again anyway.
+    nix::sys::prctl::set_dumpable(true).map_err(|e| ExecError::OomScore(e.into()))?;
+    std::fs::write("/proc/self/oom_score_adj", "500").map_err(ExecError::OomScore)
 }
 
 /// Closes everything above stderr except the error report pipe.
