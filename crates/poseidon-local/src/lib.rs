@@ -22,7 +22,9 @@ use poseidon_core::backend::{
 };
 use poseidon_core::environment::EnvironmentConfig;
 use poseidon_core::ids::RunnerId;
-use poseidon_sandbox::{Image, Limits, Runtime, RuntimeConfig, Sandbox, SandboxSpec};
+use poseidon_sandbox::{
+    Image, Limits, NetworkConfig, NetworkSpec, Runtime, RuntimeConfig, Sandbox, SandboxSpec,
+};
 
 /// Name of the built-in image: a read-only view of the host's programs.
 pub const HOST_IMAGE: &str = "host";
@@ -53,6 +55,9 @@ pub struct LocalConfig {
     /// Size of the writable layer (image changes, `/workspace` and `/tmp` together).
     pub disk_limit_mb: u64,
     pub nofile_limit: u64,
+    /// Network access for environments with `networkAccess`; `None` keeps every runner on
+    /// loopback only.
+    pub network: Option<NetworkConfig>,
 }
 
 impl Default for LocalConfig {
@@ -70,6 +75,7 @@ impl Default for LocalConfig {
             pids_limit: 512,
             disk_limit_mb: 512,
             nofile_limit: 4096,
+            network: None,
         }
     }
 }
@@ -108,20 +114,23 @@ impl std::fmt::Debug for LocalBackend {
 impl LocalBackend {
     /// Starts the sandbox runtime (which cleans up after a previous crash) and loads the images.
     pub fn new(config: LocalConfig) -> Result<Self, LocalError> {
-        let runtime = Runtime::new(RuntimeConfig {
-            state_dir: config.state_dir.clone(),
-            init_program: config.init_program.clone(),
-            init_args: config.init_args.clone(),
-            cgroup_name: config.cgroup_name.clone(),
-            uid_base: config.uid_base,
-            defaults: Limits {
-                memory_mb: Some(config.memory_limit_mb),
-                cpu_mhz: None,
-                pids: Some(config.pids_limit),
-                disk_mb: Some(config.disk_limit_mb),
-                nofile: Some(config.nofile_limit),
+        let runtime = Runtime::with_network(
+            RuntimeConfig {
+                state_dir: config.state_dir.clone(),
+                init_program: config.init_program.clone(),
+                init_args: config.init_args.clone(),
+                cgroup_name: config.cgroup_name.clone(),
+                uid_base: config.uid_base,
+                defaults: Limits {
+                    memory_mb: Some(config.memory_limit_mb),
+                    cpu_mhz: None,
+                    pids: Some(config.pids_limit),
+                    disk_mb: Some(config.disk_limit_mb),
+                    nofile: Some(config.nofile_limit),
+                },
             },
-        })
+            config.network.clone(),
+        )
         .map_err(LocalError::Runtime)?;
         let mut images = BTreeMap::from([(HOST_IMAGE.to_owned(), runtime.host_image())]);
         for (name, path) in &config.images {
@@ -180,10 +189,10 @@ impl Backend for LocalBackend {
         environment: &EnvironmentConfig,
     ) -> Result<(), BackendError> {
         self.image(&environment.image)?;
-        if environment.network_access {
+        if environment.network_access && !self.runtime.network_enabled() {
             tracing::warn!(
                 environment = %environment.id,
-                "network access is not available on the local backend yet; runners get loopback only"
+                "network access is not enabled on the local backend (local.network.enabled); runners get loopback only"
             );
         }
         Ok(())
@@ -199,9 +208,11 @@ impl Backend for LocalBackend {
             image: self.image(&environment.image)?,
             limits: self.limits(environment),
         };
+        let network = (environment.network_access && self.runtime.network_enabled())
+            .then(|| NetworkSpec { exposed_ports: environment.exposed_ports.clone() });
         let sandbox = self
             .runtime
-            .create(spec)
+            .create_with_network(spec, network)
             .await
             .map_err(|e| BackendError::Internal(format!("cannot create runner {id}: {e}")))?;
         Ok(Arc::new(LocalRunner { id, sandbox: Arc::new(sandbox) }))
@@ -221,7 +232,14 @@ impl Runner for LocalRunner {
     }
 
     fn mapped_ports(&self) -> Vec<MappedPort> {
-        Vec::new()
+        self.sandbox
+            .mapped_ports()
+            .into_iter()
+            .map(|(exposed_port, address)| MappedPort {
+                exposed_port,
+                host_address: address.to_string(),
+            })
+            .collect()
     }
 
     async fn execute(&self, request: ExecRequest) -> Result<ExecutionHandle, BackendError> {

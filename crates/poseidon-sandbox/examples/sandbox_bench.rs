@@ -1,5 +1,6 @@
-//! Measures runner creation, the first output byte of `echo hi`, destruction and the host
-//! memory of idle runners, next to a plain fork+exec of `/bin/true` (run as root):
+//! Measures runner creation (without and with network access), the first output byte of
+//! `echo hi`, destruction and the host memory of idle runners, next to a plain fork+exec of
+//! `/bin/true` (run as root; the network part needs Debian's `nftables`):
 //!
 //! ```text
 //! cargo build -p poseidon-sandbox --release --bins --examples
@@ -9,7 +10,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use poseidon_sandbox::{Limits, ProcessSpec, Runtime, RuntimeConfig, SandboxSpec};
+use poseidon_sandbox::{
+    Limits, NetworkConfig, NetworkSpec, ProcessSpec, Runtime, RuntimeConfig, SandboxSpec,
+};
 use tokio::io::AsyncReadExt;
 
 const ROUNDS: usize = 50;
@@ -22,14 +25,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("usage: sandbox_bench <path of poseidon-sandbox-init>")?
         .into();
     let state = std::env::temp_dir().join("poseidon-sandbox-bench");
-    let runtime = Runtime::new(RuntimeConfig {
-        state_dir: state.clone(),
-        init_program,
-        init_args: Vec::new(),
-        cgroup_name: "poseidon-bench".into(),
-        uid_base: 400_000,
-        defaults: Limits { memory_mb: Some(256), ..Limits::default() },
-    })?;
+    let network = NetworkConfig {
+        bridge: "psbench0".into(),
+        subnet: "10.219.0.0/24".parse()?,
+        resolvers: Vec::new(),
+        allow: Vec::new(),
+        deny: Vec::new(),
+        host_ports: (33000, 33099),
+        advertised_address: None,
+    };
+    let runtime = Runtime::with_network(
+        RuntimeConfig {
+            state_dir: state.clone(),
+            init_program,
+            init_args: Vec::new(),
+            cgroup_name: "poseidon-bench".into(),
+            uid_base: 400_000,
+            defaults: Limits { memory_mb: Some(256), ..Limits::default() },
+        },
+        Some(network),
+    )?;
     let spec =
         |name: String| SandboxSpec { name, image: runtime.host_image(), limits: Limits::default() };
 
@@ -60,6 +75,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         destroys.push(start.elapsed());
     }
 
+    let mut network_creates = Vec::new();
+    for i in 0..ROUNDS {
+        let start = Instant::now();
+        let networked = NetworkSpec { exposed_ports: vec![8080] };
+        let sandbox =
+            runtime.create_with_network(spec(format!("net-{i}")), Some(networked)).await?;
+        network_creates.push(start.elapsed());
+        sandbox.destroy().await?;
+    }
+
     let before = mem_available_kib()?;
     let mut idle = Vec::new();
     for i in 0..IDLE_RUNNERS {
@@ -73,6 +98,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     report("fork+exec /bin/true", &mut forks);
     report("create", &mut creates);
+    report("create with network", &mut network_creates);
     report("exec → first byte", &mut first_bytes);
     report("destroy", &mut destroys);
     println!(

@@ -95,7 +95,9 @@ pub fn main(_args: Vec<OsString>) -> ! {
 /// Steps 2 and 3 of the module doc; returns only on error.
 fn intermediate(socket: BorrowedFd<'_>) -> Result<(), SetupError> {
     let setup = wait_for_setup(socket)?;
-    // Non-dumpable: processes of the runner (even its root) may not ptrace PID 1.
+    become_owner(setup.owner_id)?;
+    // Non-dumpable (after the id change, which resets it): processes of the runner (even its
+    // root) may not ptrace PID 1.
     nix::sys::prctl::set_dumpable(false).map_err(SetupError::BecomeRoot)?;
     unshare_namespaces()?;
     request_id_mapping(socket)?;
@@ -154,6 +156,15 @@ fn request_id_mapping(socket: BorrowedFd<'_>) -> Result<(), SetupError> {
 
 /// Our host ids (root) are not mapped in the new user namespace; switch to its root, which
 /// keeps the namespace's full capability set.
+/// Leaves host root before creating the user namespace, so that the namespace's owner (whose
+/// per-user limits its processes are charged to) is this runner's own unprivileged host id.
+fn become_owner(owner: u32) -> Result<(), SetupError> {
+    let (uid, gid) = (Uid::from_raw(owner), Gid::from_raw(owner));
+    nix::unistd::setgroups(&[]).map_err(SetupError::BecomeRoot)?;
+    nix::unistd::setresgid(gid, gid, gid).map_err(SetupError::BecomeRoot)?;
+    nix::unistd::setresuid(uid, uid, uid).map_err(SetupError::BecomeRoot)
+}
+
 fn become_namespace_root() -> Result<(), SetupError> {
     let root = (Uid::from_raw(0), Gid::from_raw(0));
     nix::unistd::setgroups(&[]).map_err(SetupError::BecomeRoot)?;
@@ -180,6 +191,9 @@ fn build_root(setup: &SetupConfig) -> Result<(), SetupError> {
     make_mounts_private()?;
     mount_scratch(scratch, setup.disk_bytes)?;
     prepare_upper_layer(scratch)?;
+    if let Some(text) = &setup.resolv_conf {
+        write_resolv_conf(scratch, text)?;
+    }
     mount_overlay(&setup.image_root, scratch, &new_root)?;
     if setup.bind_host_usr {
         bind_host_usr(&new_root)?;
@@ -365,7 +379,8 @@ fn mount_dev(scratch: &Path, new_root: &Path) -> Result<(), SetupError> {
         &dev.join("pts"),
         Some("devpts"),
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        // All devpts instances share the kernel's PTY limit: one runner must not take them all.
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5,max=64"),
     )?;
     // /dev/shm shares the writable layer's size limit.
     create_dir(&dev.join("shm"), 0o1777)?;
@@ -390,6 +405,23 @@ fn enter_new_root(new_root: &Path) -> Result<(), SetupError> {
     pivot_root(".", ".").map_err(pivot)?;
     umount2(".", MntFlags::MNT_DETACH).map_err(SetupError::DetachOldRoot)?;
     chdir("/").map_err(pivot)
+}
+
+/// Into the upper layer before the overlay is mounted: the image's `/etc` is not writable by
+/// the runner's root, and whatever the image has at that path (even a symlink) is shadowed.
+fn write_resolv_conf(scratch: &Path, text: &str) -> Result<(), SetupError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let etc = scratch.join("upper/etc");
+    create_dir(&etc, 0o755)?;
+    let path = etc.join("resolv.conf");
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&path)
+        .and_then(|mut file| file.write_all(text.as_bytes()))
+        .map_err(|source| SetupError::Create { path, source })
 }
 
 fn bring_loopback_up() -> Result<(), SetupError> {

@@ -12,6 +12,7 @@ mod exec;
 pub mod files;
 mod image;
 pub mod init;
+mod network;
 mod process;
 mod protocol;
 mod runtime;
@@ -23,6 +24,7 @@ use std::path::PathBuf;
 
 pub use cgroup::CgroupError;
 pub use image::{Image, ImageError};
+pub use network::{Ipv4Cidr, NetworkConfig, NetworkError, NetworkSpec};
 pub use process::{ExitInfo, Killer, Process, ProcessOutput, ProcessSpec, ProcessStdin, WORKDIR};
 pub use protocol::ProtocolError;
 pub use runtime::{Limits, MAPPED_IDS, Runtime, RuntimeConfig, Sandbox, SandboxSpec};
@@ -66,6 +68,10 @@ pub enum Error {
     OpenRoot { path: PathBuf, source: nix::Error },
     #[error("{0} panicked")]
     Panicked(&'static str),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    #[error("network access was requested but networking is not enabled")]
+    NetworkDisabled,
     #[error("I/O: {0}")]
     Io(#[source] io::Error),
 }

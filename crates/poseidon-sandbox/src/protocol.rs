@@ -93,6 +93,8 @@ pub enum FromInit {
 /// How the init builds the runner's root.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SetupConfig {
+    /// The unprivileged host id that creates the runner's user namespace (its owner).
+    pub owner_id: u32,
     pub hostname: String,
     /// The image's root directory (overlay lower layer).
     pub image_root: PathBuf,
@@ -102,6 +104,8 @@ pub struct SetupConfig {
     pub disk_bytes: u64,
     /// Bind the host's `/usr` read-only (the `host` image).
     pub bind_host_usr: bool,
+    /// Written to the runner's `/etc/resolv.conf` (network-enabled runners).
+    pub resolv_conf: Option<String>,
 }
 
 /// One execution.

@@ -7,10 +7,11 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::cgroup::{self, CgroupLimits, Layout, RunnerCgroup};
 use crate::image::{self, Image};
+use crate::network::{Attachment, Network, NetworkConfig, NetworkSpec};
 use crate::process::{self, Process, ProcessSpec, RawExit};
 use crate::protocol::{self, Datagram, FromInit, ProtocolError, RecvError, SetupConfig, ToInit};
 use crate::{Error, files, sys};
@@ -114,6 +116,9 @@ struct RuntimeInner {
     host_mhz: f64,
     host_image: Image,
     scratch_dir: PathBuf,
+    network: Option<Network>,
+    /// Hands out the owners of runners' user namespaces, see [`Runtime::next_owner`].
+    owners: AtomicU32,
 }
 
 impl Drop for RuntimeInner {
@@ -126,6 +131,15 @@ impl Drop for RuntimeInner {
 impl Runtime {
     /// Detects the cgroup layout, removes leftovers of a previous run and builds the host image.
     pub fn new(config: RuntimeConfig) -> Result<Runtime, Error> {
+        Runtime::with_network(config, None)
+    }
+
+    /// [`Runtime::new`], and with `network` runners may get network access
+    /// ([`Runtime::create_with_network`]). Blocking: sets up the bridge and the rules.
+    pub fn with_network(
+        config: RuntimeConfig,
+        network: Option<NetworkConfig>,
+    ) -> Result<Runtime, Error> {
         validate_config(&config)?;
         let scratch_dir = config.state_dir.join("mnt");
         let images = config.state_dir.join("images");
@@ -141,6 +155,7 @@ impl Runtime {
         layout.remove_leftovers(&config.cgroup_name)?;
         layout.create_top(&config.cgroup_name)?;
         let host_image = Image::host(image::build_host_image(&images, Path::new("/etc"))?);
+        let network = network.map(Network::new).transpose()?;
         Ok(Runtime {
             inner: Arc::new(RuntimeInner {
                 host_mhz: host_cpu_mhz()?,
@@ -148,6 +163,8 @@ impl Runtime {
                 layout,
                 host_image,
                 scratch_dir,
+                network,
+                owners: AtomicU32::new(0),
             }),
         })
     }
@@ -167,8 +184,37 @@ impl Runtime {
         self.inner.host_mhz
     }
 
-    /// Creates a runner and waits until its init is ready.
+    /// Whether runners may get network access.
+    pub fn network_enabled(&self) -> bool {
+        self.inner.network.is_some()
+    }
+
+    /// Creates a runner (loopback only) and waits until its init is ready.
     pub async fn create(&self, spec: SandboxSpec) -> Result<Sandbox, Error> {
+        self.create_with_network(spec, None).await
+    }
+
+    /// [`Runtime::create`]; with `network` the runner is connected to the outside world and
+    /// its exposed ports are mapped ([`Sandbox::mapped_ports`]).
+    pub async fn create_with_network(
+        &self,
+        spec: SandboxSpec,
+        network: Option<NetworkSpec>,
+    ) -> Result<Sandbox, Error> {
+        if network.is_some() && !self.network_enabled() {
+            return Err(Error::NetworkDisabled);
+        }
+        let sandbox = self.create_isolated(spec, network.is_some()).await?;
+        if let Some(network) = network
+            && let Err(e) = sandbox.attach_network(network).await
+        {
+            let _ = sandbox.destroy().await;
+            return Err(e);
+        }
+        Ok(sandbox)
+    }
+
+    async fn create_isolated(&self, spec: SandboxSpec, networked: bool) -> Result<Sandbox, Error> {
         validate_name(&spec.name)?;
         let limits = spec.limits.or(&self.inner.config.defaults);
         limits.validate()?;
@@ -176,7 +222,7 @@ impl Runtime {
         cgroup.create()?;
         let started = async {
             cgroup.apply(&self.cgroup_limits(&limits))?;
-            self.start_init(&spec, &limits, &cgroup).await
+            self.start_init(&spec, &limits, &cgroup, networked).await
         };
         match started.await {
             Ok(init) => Ok(Sandbox::new(self.clone(), spec, limits, cgroup, init)),
@@ -205,6 +251,7 @@ impl Runtime {
         spec: &SandboxSpec,
         limits: &Limits,
         cgroup: &RunnerCgroup,
+        networked: bool,
     ) -> Result<InitHandle, Error> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
@@ -230,7 +277,7 @@ impl Runtime {
             let pid = child.id().map(|p| Pid::from_raw(p as i32)).ok_or(Error::InitDied)?;
             // Before the init runs anything: it is in the runner's cgroups, its children too.
             cgroup.add(pid)?;
-            channel.send(&ToInit::Setup(self.setup_config(spec, limits)), &[]).await?;
+            channel.send(&ToInit::Setup(self.setup_config(spec, limits, networked)), &[]).await?;
             channel.expect(|m| matches!(m, FromInit::MapIds), 0).await?;
             self.write_id_maps(pid)?;
             channel.send(&ToInit::IdsMapped, &[]).await?;
@@ -250,14 +297,27 @@ impl Runtime {
         }
     }
 
-    fn setup_config(&self, spec: &SandboxSpec, limits: &Limits) -> SetupConfig {
+    fn setup_config(&self, spec: &SandboxSpec, limits: &Limits, networked: bool) -> SetupConfig {
+        let network = self.inner.network.as_ref().filter(|_| networked);
         SetupConfig {
+            owner_id: self.next_owner(),
             hostname: spec.name.clone(),
             image_root: spec.image.root().to_owned(),
             scratch_dir: self.inner.scratch_dir.clone(),
             disk_bytes: limits.disk_mb.unwrap_or(DEFAULT_DISK_MB).saturating_mul(1 << 20),
             bind_host_usr: spec.image.is_host(),
+            resolv_conf: network.map(Network::resolv_conf),
         }
+    }
+
+    /// The host id that creates (and so owns) a runner's user namespace: one of 65536 ids right
+    /// above the mapped range, in turn. The kernel charges per-user limits (inotify instances,
+    /// queued signals, message queues) of everything in a user namespace to its owner as well;
+    /// with host root as the owner, one learner could exhaust them for the host's own services,
+    /// and with one shared owner, for every other runner.
+    fn next_owner(&self) -> u32 {
+        let slot = self.inner.owners.fetch_add(1, Ordering::Relaxed) % MAPPED_IDS;
+        self.inner.config.uid_base + MAPPED_IDS + slot
     }
 
     /// Sandbox ids `0..65536` are host ids `uid_base..uid_base+65536`. Root may write the
@@ -276,8 +336,8 @@ fn validate_config(config: &RuntimeConfig) -> Result<(), Error> {
     let state = config.state_dir.to_str().unwrap_or(",");
     let invalid = if !config.state_dir.is_absolute() || state.contains([',', ':', '\n']) {
         Some("state_dir must be absolute and free of ',' and ':' (overlay options)")
-    } else if config.uid_base == 0 || config.uid_base.checked_add(MAPPED_IDS).is_none() {
-        Some("uid_base must be above 0 and leave room for 65536 ids")
+    } else if config.uid_base == 0 || config.uid_base.checked_add(2 * MAPPED_IDS).is_none() {
+        Some("uid_base must be above 0 and leave room for 2 × 65536 ids (mapped ids, owners)")
     } else if validate_name(&config.cgroup_name).is_err() {
         Some("cgroup_name must match [A-Za-z0-9-]{1,63}")
     } else {
@@ -438,6 +498,7 @@ pub struct Sandbox {
     reader: Mutex<Option<JoinHandle<()>>>,
     next_id: AtomicU64,
     destroyed: AtomicBool,
+    network: Mutex<Option<Attachment>>,
 }
 
 impl Sandbox {
@@ -466,11 +527,43 @@ impl Sandbox {
             reader: Mutex::new(Some(reader)),
             next_id: AtomicU64::new(1),
             destroyed: AtomicBool::new(false),
+            network: Mutex::new(None),
         }
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// `(exposed port, address a client connects to)` of a network-enabled runner.
+    pub fn mapped_ports(&self) -> Vec<(u16, SocketAddr)> {
+        let attachment = self.lock_network();
+        match (self.runtime.inner.network.as_ref(), attachment.as_ref()) {
+            (Some(network), Some(attachment)) => network.mapped_ports(attachment),
+            _ => Vec::new(),
+        }
+    }
+
+    fn lock_network(&self) -> std::sync::MutexGuard<'_, Option<Attachment>> {
+        self.network.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn attach_network(&self, spec: NetworkSpec) -> Result<(), Error> {
+        let pidfd = self.pidfd.try_clone().map_err(Error::Io)?;
+        let runtime = self.runtime.clone();
+        let attachment = tokio::task::spawn_blocking(move || {
+            runtime
+                .inner
+                .network
+                .as_ref()
+                .ok_or(Error::NetworkDisabled)?
+                .attach(pidfd.as_fd(), &spec)
+                .map_err(Error::from)
+        })
+        .await
+        .map_err(|_| Error::Panicked("network set-up"))??;
+        *self.lock_network() = Some(attachment);
+        Ok(())
     }
 
     /// Starts an execution; returns once `bash` runs (or with the reason it could not).
@@ -542,6 +635,11 @@ impl Sandbox {
         if self.destroyed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        let attachment = self.lock_network().take();
+        if attachment.is_some() {
+            let runtime = self.runtime.clone();
+            let _ = tokio::task::spawn_blocking(move || detach_network(&runtime, attachment)).await;
+        }
         self.kill_init();
         self.forget_executions();
         let cgroup = self.cgroup.clone();
@@ -586,6 +684,14 @@ impl Sandbox {
     }
 }
 
+/// Removes a runner's links and port mappings while its namespace still exists, so nothing
+/// lingers until the kernel frees the namespace. Blocking.
+fn detach_network(runtime: &Runtime, attachment: Option<Attachment>) {
+    if let (Some(network), Some(attachment)) = (runtime.inner.network.as_ref(), attachment) {
+        network.detach(attachment);
+    }
+}
+
 /// Collects the exit status of a killed init. The runtime is the child subreaper of its inits
 /// (their parent, the set-up process, exits early), so without this they would stay zombies;
 /// where the init is not our child (e.g. another subreaper above us) there is nothing to do.
@@ -600,6 +706,7 @@ impl Drop for Sandbox {
             reader.abort();
         }
         if !self.destroyed.swap(true, Ordering::SeqCst) {
+            detach_network(&self.runtime, self.lock_network().take());
             self.kill_init();
             self.forget_executions();
             let _ = self.cgroup.kill_all();

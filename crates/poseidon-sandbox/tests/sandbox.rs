@@ -498,3 +498,52 @@ async fn privileged_executions_keep_only_a_container_roots_capabilities() {
     assert_ne!(admin.exit.code, Some(0), "root changed the hostname: {admin:?}");
     sb.destroy().await.unwrap();
 }
+
+/// Python that opens inotify instances until the kernel refuses one, prints how many it got,
+/// and holds them (argument 1: seconds).
+const INOTIFY_HOG: &str = "import ctypes, sys, time
+libc = ctypes.CDLL(None)
+held = []
+while libc.inotify_init() >= 0:
+    held.append(1)
+print(len(held), flush=True)
+time.sleep(float(sys.argv[1]))";
+
+#[tokio::test]
+async fn per_user_kernel_limits_of_a_runner_spare_the_host_and_other_runners() {
+    let hog = sandbox(Limits::default()).await;
+    let other = sandbox(Limits::default()).await;
+    let mut holding = hog.spawn(batch(&format!("python3 -c '{INOTIFY_HOG}' 5"))).await.unwrap();
+    let mut stdout = holding.stdout.take().unwrap();
+    let mut count = Vec::new();
+    while !count.ends_with(b"\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(stdout.read(&mut byte).await.unwrap(), 1, "the hog ended early");
+        count.push(byte[0]);
+    }
+    assert!(String::from_utf8_lossy(&count).trim().parse::<u32>().unwrap() > 0);
+    // The hog used up its own budget, not host root's (the runner's namespace owner is its own
+    // unprivileged id) nor the other runner's.
+    let probe = "import ctypes; print(ctypes.CDLL(None).inotify_init() >= 0)";
+    let inside = run(&other, batch(&format!("python3 -c '{probe}'"))).await;
+    assert_eq!(inside.stdout, "True\n", "{inside:?}");
+    let host = std::process::Command::new("/usr/bin/python3").args(["-c", probe]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&host.stdout), "True\n", "{host:?}");
+    holding.killer().kill();
+    holding.wait().await.unwrap();
+    hog.destroy().await.unwrap();
+    other.destroy().await.unwrap();
+}
+
+#[tokio::test]
+async fn memory_that_belongs_to_no_process_costs_the_execution_not_the_runner() {
+    let sb = sandbox(Limits { memory_mb: Some(32), disk_mb: Some(64), ..Limits::default() }).await;
+    // Files in the writable layer are charged to the runner's memory but to nobody's RSS, so
+    // the OOM killer's choice falls to the score: the execution's processes, not the init.
+    let out = run(&sb, batch("dd if=/dev/zero of=/tmp/fill bs=1M count=60")).await;
+    assert_eq!(out.exit.signal, Some(9), "{out:?}");
+    sb.files().expect("the runner is alive").update(&["/tmp/fill".to_owned()], &[]).unwrap();
+    let out = run(&sb, batch("echo alive")).await;
+    assert_eq!(out.stdout, "alive\n", "the runner died with the hog: {out:?}");
+    sb.destroy().await.unwrap();
+}

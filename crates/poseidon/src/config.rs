@@ -206,6 +206,46 @@ pub struct LocalSection {
     pub disklimit: u64,
     #[serde(deserialize_with = "lenient")]
     pub nofilelimit: u64,
+    /// Network access for environments with `networkAccess` (`docs/configuration.md`).
+    pub network: NetworkSection,
+}
+
+/// The `local.network.*` keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct NetworkSection {
+    /// Off: every runner has loopback only, whatever its environment asks for.
+    #[serde(deserialize_with = "go_bool")]
+    pub enabled: bool,
+    /// Our bridge, nftables table and veth prefix: 1 to 9 of `[a-z0-9]`.
+    pub bridge: String,
+    /// The runners' IPv4 range (CIDR); must not overlap any network of the host.
+    pub subnet: String,
+    /// IPv4 name servers for runners; empty: the host's non-loopback ones.
+    pub resolvers: Vec<String>,
+    /// IPv4 CIDRs reachable even inside a denied range.
+    pub allow: Vec<String>,
+    /// IPv4 CIDRs denied on top of the built-in private and special ranges.
+    pub deny: Vec<String>,
+    /// Host ports for exposed ports, `first-last`.
+    pub hostports: String,
+    /// Address put into `mappedPorts`; empty: the bridge's address (this machine only).
+    pub advertisedaddress: String,
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            bridge: "poseidon0".to_owned(),
+            subnet: "10.213.0.0/16".to_owned(),
+            resolvers: Vec::new(),
+            allow: Vec::new(),
+            deny: Vec::new(),
+            hostports: "20000-29999".to_owned(),
+            advertisedaddress: String::new(),
+        }
+    }
 }
 
 impl Default for LocalSection {
@@ -220,6 +260,7 @@ impl Default for LocalSection {
             pidslimit: 512,
             disklimit: 512,
             nofilelimit: 4096,
+            network: NetworkSection::default(),
         }
     }
 }

@@ -30,6 +30,10 @@ pub fn version() -> String {
     }
 }
 
+/// Threads for blocking work (file operations, cgroup removal). Every use is short; a bound
+/// this low means a bug that parks threads shows up in tests instead of at 512 threads.
+const BLOCKING_THREADS: usize = 64;
+
 pub fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
     let env = std::env::vars_os()
         .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)));
@@ -38,6 +42,7 @@ pub fn run(config_file: Option<&Path>) -> anyhow::Result<()> {
     warn_about_ignored_settings(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(serve(config))
@@ -116,7 +121,60 @@ fn local_config(config: &Config) -> anyhow::Result<LocalConfig> {
         pids_limit: local.pidslimit,
         disk_limit_mb: local.disklimit,
         nofile_limit: local.nofilelimit,
+        network: network_config(&local.network)?,
     })
+}
+
+/// The `local.network.*` keys as the sandbox runtime takes them; `None` when disabled.
+fn network_config(
+    section: &crate::config::NetworkSection,
+) -> anyhow::Result<Option<poseidon_sandbox::NetworkConfig>> {
+    if !section.enabled {
+        return Ok(None);
+    }
+    let cidrs = |list: &[String], key: &str| {
+        list.iter()
+            .map(|c| c.parse().with_context(|| format!("local.network.{key}: {c:?}")))
+            .collect::<anyhow::Result<Vec<_>>>()
+    };
+    let resolvers = match section.resolvers.as_slice() {
+        [] => host_resolvers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()),
+        list => list
+            .iter()
+            .map(|r| r.parse().with_context(|| format!("local.network.resolvers: {r:?}")))
+            .collect::<anyhow::Result<_>>()?,
+    };
+    let host_ports = section
+        .hostports
+        .split_once('-')
+        .and_then(|(first, last)| Some((first.trim().parse().ok()?, last.trim().parse().ok()?)))
+        .with_context(|| {
+            format!("local.network.hostports: {:?} is not first-last", section.hostports)
+        })?;
+    let advertised_address = match section.advertisedaddress.as_str() {
+        "" => None,
+        address => Some(address.parse().context("local.network.advertisedaddress")?),
+    };
+    Ok(Some(poseidon_sandbox::NetworkConfig {
+        bridge: section.bridge.clone(),
+        subnet: section.subnet.parse().context("local.network.subnet")?,
+        resolvers,
+        allow: cidrs(&section.allow, "allow")?,
+        deny: cidrs(&section.deny, "deny")?,
+        host_ports,
+        advertised_address,
+    }))
+}
+
+/// The IPv4 `nameserver`s of a `resolv.conf`, without loopback ones (a runner's loopback is
+/// its own).
+fn host_resolvers(resolv_conf: &str) -> Vec<std::net::Ipv4Addr> {
+    resolv_conf
+        .lines()
+        .filter_map(|line| line.strip_prefix("nameserver"))
+        .filter_map(|address| address.trim().parse::<std::net::Ipv4Addr>().ok())
+        .filter(|address| !address.is_loopback())
+        .collect()
 }
 
 fn core_config(config: &Config) -> CoreConfig {
@@ -175,5 +233,30 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = terminate.recv() => tracing::info!("SIGTERM received"),
         _ = interrupt.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_resolvers_skip_loopback_and_ipv6() {
+        let text = "# x\nnameserver 127.0.0.53\nnameserver 10.255.255.53\nnameserver fd00::1\n";
+        assert_eq!(host_resolvers(text), [std::net::Ipv4Addr::new(10, 255, 255, 53)]);
+    }
+
+    #[test]
+    fn network_keys_become_the_runtime_config() {
+        let mut section = crate::config::NetworkSection { enabled: true, ..Default::default() };
+        section.resolvers = vec!["192.0.2.53".into()];
+        section.hostports = "31000-31099".into();
+        let config = network_config(&section).unwrap().unwrap();
+        assert_eq!(config.host_ports, (31000, 31099));
+        assert_eq!(config.subnet.to_string(), "10.213.0.0/16");
+        section.hostports = "31000".into();
+        assert!(network_config(&section).is_err());
+        section.enabled = false;
+        assert!(network_config(&crate::config::NetworkSection::default()).unwrap().is_none());
     }
 }

@@ -93,6 +93,8 @@ pub struct ServerOptions {
     pub pool_threshold: Option<f64>,
     /// `limits.storedexecutionttl` in seconds; `None` keeps the server's default.
     pub stored_execution_ttl: Option<u64>,
+    /// Extra `POSEIDON_*` variables for the server process (settings the YAML does not set).
+    pub env: Vec<(&'static str, &'static str)>,
 }
 
 impl ServerOptions {
@@ -182,7 +184,7 @@ impl TestServer {
     pub async fn start_in(home: ServerHome, options: ServerOptions) -> TestServer {
         let addr = free_loopback_addr();
         home.write_config(addr.port(), &options);
-        let child = spawn_server(&home);
+        let child = spawn_server(&home, &options.env);
         let mut server = TestServer {
             base_url: format!("http://{addr}/api/v1"),
             addr,
@@ -556,7 +558,7 @@ fn free_loopback_addr() -> SocketAddr {
     listener.local_addr().expect("read the bound address")
 }
 
-fn spawn_server(home: &ServerHome) -> Child {
+fn spawn_server(home: &ServerHome, env: &[(&str, &str)]) -> Child {
     let log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -571,6 +573,7 @@ fn spawn_server(home: &ServerHome) -> Child {
         .env(HOST_SECRET_VARIABLE, "do-not-leak")
         // Plain log lines in the printed tail.
         .env("NO_COLOR", "1")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log_for_stdout)
         .stderr(log)
