@@ -15,14 +15,54 @@ use tokio::io::AsyncReadExt;
 pub const UID_BASE: u32 = 300_000;
 pub const CGROUP_NAME: &str = "poseidon-test-sandbox";
 
-/// Below cargo's scratch directory for tests, so test runs leave nothing in the machine's /tmp.
+/// In the system's temporary directory: the runners reach their image there as an
+/// unprivileged id, so every ancestor must be searchable (a checkout below `/root` is not).
+/// Removed when the test process exits.
 pub fn state_dir(tag: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("poseidon-sandbox-test-{tag}"))
+    std::env::temp_dir().join(format!("poseidon-sandbox-test-{tag}-{}", std::process::id()))
+}
+
+/// What the test process removes when it exits: runtimes live in statics and are never
+/// dropped, and a test that fails does not get to clean up after itself.
+#[derive(Default)]
+struct Leftovers {
+    cgroups: Vec<String>,
+    dirs: Vec<PathBuf>,
+}
+
+static LEFTOVERS: Mutex<Leftovers> =
+    Mutex::new(Leftovers { cgroups: Vec::new(), dirs: Vec::new() });
+
+extern "C" fn remove_leftovers() {
+    let leftovers = std::mem::take(&mut *LEFTOVERS.lock().unwrap_or_else(|e| e.into_inner()));
+    for name in leftovers.cgroups {
+        for hierarchy in ["memory", "pids", "cpu", "freezer", "unified"] {
+            let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(hierarchy).join(&name));
+        }
+    }
+    for dir in leftovers.dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Registers `cgroup_name` and `dir` for removal at exit.
+fn remove_at_exit(cgroup_name: &str, dir: &Path) {
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    // SAFETY: registers a plain `extern "C"` function without arguments, as atexit expects;
+    // it only touches a static and the file system.
+    REGISTERED.call_once(|| unsafe {
+        libc::atexit(remove_leftovers);
+    });
+    let mut leftovers = LEFTOVERS.lock().unwrap_or_else(|e| e.into_inner());
+    leftovers.cgroups.push(cgroup_name.to_owned());
+    leftovers.dirs.push(dir.to_owned());
 }
 
 pub fn config(cgroup_name: &str, tag: &str) -> RuntimeConfig {
+    let state_dir = state_dir(tag);
+    remove_at_exit(cgroup_name, &state_dir);
     RuntimeConfig {
-        state_dir: state_dir(tag),
+        state_dir,
         init_program: env!("CARGO_BIN_EXE_poseidon-sandbox-init").into(),
         init_args: Vec::new(),
         cgroup_name: cgroup_name.into(),
@@ -41,26 +81,9 @@ pub fn runtime() -> &'static Runtime {
     RUNTIME.get_or_init(|| shared_runtime(CGROUP_NAME, "main"))
 }
 
-/// A runtime shared by a whole test binary. It lives in a static and is never dropped, so its
-/// (by then empty) top-level cgroups are removed when the test process exits.
-pub fn shared_runtime(cgroup_name: &'static str, tag: &str) -> Runtime {
-    static NAMES: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
-    extern "C" fn remove_top_cgroups() {
-        let names = NAMES.lock().map(|names| names.clone()).unwrap_or_default();
-        for name in names {
-            for hierarchy in ["memory", "pids", "cpu", "freezer", "unified"] {
-                let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(hierarchy).join(name));
-            }
-        }
-    }
-    let mut names = NAMES.lock().unwrap();
-    if names.is_empty() {
-        // SAFETY: registers a plain `extern "C"` function without arguments, as atexit expects;
-        // it only touches a static and the file system.
-        unsafe { libc::atexit(remove_top_cgroups) };
-    }
-    names.push(cgroup_name);
-    drop(names);
+/// A runtime shared by a whole test binary (in a static, never dropped; see [`config`] for
+/// what is removed at exit).
+pub fn shared_runtime(cgroup_name: &str, tag: &str) -> Runtime {
     Runtime::new(config(cgroup_name, tag)).expect("runtime")
 }
 
