@@ -39,19 +39,23 @@ fn cgroups(top: &str) -> usize {
         .sum()
 }
 
-/// Live (not zombie) processes in one of our cgroups.
+/// Processes in one of our cgroups (the kernel drops exited ones from `cgroup.procs`).
 fn processes(top: &str) -> usize {
-    fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-        .filter(|e| {
-            let stat = fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            let alive = stat.rsplit(')').next().is_some_and(|s| !s.trim_start().starts_with('Z'));
-            let cgroup = fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
-            alive && cgroup.contains(top)
-        })
-        .count()
+    let mut pids = std::collections::BTreeSet::new();
+    for hierarchy in ["memory", "pids", "unified"] {
+        collect_procs(&Path::new("/sys/fs/cgroup").join(hierarchy).join(top), &mut pids);
+    }
+    pids.len()
+}
+
+fn collect_procs(dir: &Path, pids: &mut std::collections::BTreeSet<u32>) {
+    let listed = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    pids.extend(listed.lines().filter_map(|line| line.trim().parse::<u32>().ok()));
+    for entry in fs::read_dir(dir).into_iter().flatten().filter_map(Result::ok) {
+        if entry.path().is_dir() {
+            collect_procs(&entry.path(), pids);
+        }
+    }
 }
 
 fn footprint(top: &str, tag: &str) -> Footprint {
