@@ -154,8 +154,6 @@ fn request_id_mapping(socket: BorrowedFd<'_>) -> Result<(), SetupError> {
     }
 }
 
-/// Our host ids (root) are not mapped in the new user namespace; switch to its root, which
-/// keeps the namespace's full capability set.
 /// Leaves host root before creating the user namespace, so that the namespace's owner (whose
 /// per-user limits its processes are charged to) is this runner's own unprivileged host id.
 fn become_owner(owner: u32) -> Result<(), SetupError> {
@@ -165,6 +163,8 @@ fn become_owner(owner: u32) -> Result<(), SetupError> {
     nix::unistd::setresuid(uid, uid, uid).map_err(SetupError::BecomeRoot)
 }
 
+/// Our host ids (the owner id) are not mapped in the new user namespace; switch to its root,
+/// which keeps the namespace's full capability set.
 fn become_namespace_root() -> Result<(), SetupError> {
     let root = (Uid::from_raw(0), Gid::from_raw(0));
     nix::unistd::setgroups(&[]).map_err(SetupError::BecomeRoot)?;
