@@ -635,13 +635,9 @@ impl Sandbox {
         if self.destroyed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        let attachment = self.lock_network().take();
-        if attachment.is_some() {
-            let runtime = self.runtime.clone();
-            let _ = tokio::task::spawn_blocking(move || detach_network(&runtime, attachment)).await;
-        }
         self.kill_init();
         self.forget_executions();
+        self.release_network();
         let cgroup = self.cgroup.clone();
         let pidfd = self.pidfd.try_clone().map_err(Error::Io)?;
         let removed = tokio::task::spawn_blocking(move || {
@@ -672,6 +668,15 @@ impl Sandbox {
         }
     }
 
+    /// After the init was killed: its namespace, and with it the veth pair, is going away.
+    fn release_network(&self) {
+        if let (Some(network), Some(attachment)) =
+            (self.runtime.inner.network.as_ref(), self.lock_network().take())
+        {
+            network.release(attachment);
+        }
+    }
+
     fn kill_init(&self) {
         let _ = sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL);
     }
@@ -681,14 +686,6 @@ impl Sandbox {
     fn forget_executions(&self) {
         self.lock_executions().clear();
         self.shared.exited.send_replace(true);
-    }
-}
-
-/// Removes a runner's links and port mappings while its namespace still exists, so nothing
-/// lingers until the kernel frees the namespace. Blocking.
-fn detach_network(runtime: &Runtime, attachment: Option<Attachment>) {
-    if let (Some(network), Some(attachment)) = (runtime.inner.network.as_ref(), attachment) {
-        network.detach(attachment);
     }
 }
 
@@ -706,9 +703,9 @@ impl Drop for Sandbox {
             reader.abort();
         }
         if !self.destroyed.swap(true, Ordering::SeqCst) {
-            detach_network(&self.runtime, self.lock_network().take());
             self.kill_init();
             self.forget_executions();
+            self.release_network();
             let _ = self.cgroup.kill_all();
             reap(self.pidfd.as_fd());
             let _ = self.cgroup.remove();

@@ -236,6 +236,12 @@ async fn exposed_ports_answer_through_mapped_ports() {
     let response = http_get(mapped[0].1);
     assert!(response.starts_with("HTTP/1.0 200"), "{response}");
     assert!(response.contains("hello-from-runner"), "{response}");
+    let veths = links_named("pstn2-");
+    let port = Command::new("bridge").args(["-d", "link", "show", "dev", &veths[0]]).output();
+    let port = String::from_utf8_lossy(&port.unwrap().stdout).into_owned();
+    for flag in ["isolated on", "learning off", "flood off", "mcast_flood off", "bcast_flood off"] {
+        assert!(port.contains(flag), "the runner's bridge port lacks {flag:?}: {port}");
+    }
     sandbox.destroy().await.unwrap();
     assert!(TcpStream::connect_timeout(&mapped[0].1, Duration::from_millis(500)).is_err());
 }
@@ -299,12 +305,22 @@ async fn nothing_is_left_after_many_cycles() {
     drop(with_port);
     creation.sort();
     eprintln!("network-enabled creation: median {:?}, max {:?}", creation[50], creation[99]);
-    assert_eq!(links_named("pstn3-"), Vec::<String>::new());
-    let neighbours = Command::new("ip").args(["neigh", "show", "dev", "pstn3"]).output();
-    let neighbours = String::from_utf8_lossy(&neighbours.unwrap().stdout).into_owned();
-    assert!(!neighbours.contains("PERMANENT"), "pinned neighbours are left: {neighbours}");
-    let table = nft_table("pstn3").expect("the table stays while the runtime lives");
-    assert!(!table.contains(": 10.215.3."), "a port mapping is left: {table}");
+    // Destroyed runners' links, neighbour entries and port mappings are reclaimed in the
+    // background, in batches.
+    let leftovers = || {
+        let neighbours = Command::new("ip").args(["neigh", "show", "dev", "pstn3"]).output();
+        let neighbours = String::from_utf8_lossy(&neighbours.unwrap().stdout).into_owned();
+        let table = nft_table("pstn3").expect("the table stays while the runtime lives");
+        (links_named("pstn3-"), neighbours.contains("PERMANENT"), table.contains(": 10.215.3."))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while leftovers() != (Vec::new(), false, false) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (links, pinned, mapped) = leftovers();
+    assert_eq!(links, Vec::<String>::new(), "links are left");
+    assert!(!pinned, "pinned neighbours are left");
+    assert!(!mapped, "a port mapping is left");
     drop(runtime);
     assert_eq!(links_named("pstn3"), Vec::<String>::new());
     assert!(nft_table("pstn3").is_none(), "the table is removed with the runtime");

@@ -4,20 +4,23 @@
 //! gives a runner a veth pair to our bridge, an address of the configured range, a default
 //! route via the bridge and NAT to the outside; an nftables table of ours enforces the egress
 //! policy and maps exposed ports. Links and addresses are set up in-process through netlink
-//! ([`netlink`]); rules are loaded with one `nft -f -` batch ([`nft`]). A runner without
-//! exposed ports costs no rule change at all: the policy is per bridge, not per runner.
+//! ([`netlink`]); rules change in batches through libnftables, also in-process ([`nft`]). A
+//! runner without exposed ports costs no rule change at all: the policy is per bridge, not per
+//! runner. A destroyed runner's share is torn down in the background ([`reclaim`]).
 
 mod alloc;
 mod netlink;
 mod nft;
+mod reclaim;
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::BorrowedFd;
 use std::str::FromStr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use alloc::Pool;
+use reclaim::Reclaimer;
 
 /// Lowest and highest prefix length of the runners' range: at most 65533 runners (veth names
 /// must fit 15 bytes) and room for a gateway plus at least a few runners.
@@ -121,11 +124,19 @@ pub(crate) struct Network {
     config: NetworkConfig,
     gateway: Ipv4Addr,
     bridge_index: u32,
+    allocations: Arc<Allocations>,
+    /// `None` only while dropping.
+    reclaimer: Option<Reclaimer>,
+}
+
+/// Addresses (as offsets into the subnet) and host ports in use.
+#[derive(Debug)]
+struct Allocations {
     addresses: Mutex<Pool>,
     ports: Mutex<Pool>,
 }
 
-/// One runner's share of the network; give it back with [`Network::detach`].
+/// One runner's share of the network; give it back with [`Network::release`].
 #[derive(Debug)]
 pub(crate) struct Attachment {
     offset: u32,
@@ -147,13 +158,13 @@ impl Network {
         nft::remove_table(&config.bridge);
         refuse_host_overlap(config.subnet, &netlink::host_networks()?)?;
         let bridge_index = netlink::create_bridge(&config.bridge, gateway, config.subnet.prefix)?;
-        let network = Network {
+        let allocations = Arc::new(Allocations {
             addresses: Mutex::new(Pool::new(2, (1u32 << (32 - config.subnet.prefix)) - 2)),
             ports: Mutex::new(Pool::new(config.host_ports.0.into(), config.host_ports.1.into())),
-            config,
-            gateway,
-            bridge_index,
-        };
+        });
+        let reclaimer = Reclaimer::start(&config.bridge, bridge_index, allocations.clone())?;
+        let network =
+            Network { config, gateway, bridge_index, allocations, reclaimer: Some(reclaimer) };
         // From here on, a failure drops `network`, which removes the bridge and the table.
         nft::load_table(&network.config)?;
         std::fs::write(IP_FORWARD, "1")
@@ -172,7 +183,8 @@ impl Network {
         pidfd: BorrowedFd<'_>,
         spec: &NetworkSpec,
     ) -> Result<Attachment, NetworkError> {
-        let offset = lock(&self.addresses).take().ok_or(NetworkError::Exhausted("address"))?;
+        let offset =
+            lock(&self.allocations.addresses).take().ok_or(NetworkError::Exhausted("address"))?;
         let mut attachment = Attachment {
             offset,
             veth: format!("{}-{offset}", self.config.bridge),
@@ -181,7 +193,8 @@ impl Network {
         };
         let result = self.connect(pidfd, spec, &mut attachment);
         if let Err(e) = result {
-            self.detach(attachment);
+            reclaim(&self.config.bridge, self.bridge_index, &[&attachment]);
+            self.allocations.give_back(&[attachment]);
             return Err(e);
         }
         Ok(attachment)
@@ -199,7 +212,8 @@ impl Network {
             )));
         }
         for &port in &spec.exposed_ports {
-            let host = lock(&self.ports).take().ok_or(NetworkError::Exhausted("host port"))?;
+            let host =
+                lock(&self.allocations.ports).take().ok_or(NetworkError::Exhausted("host port"))?;
             attachment.ports.push((port, host as u16));
         }
         netlink::attach_runner(&netlink::RunnerLink {
@@ -214,20 +228,14 @@ impl Network {
         nft::map_ports(&self.config.bridge, attachment.address, &attachment.ports)
     }
 
-    /// Removes the runner's veth pair and port mappings and frees its address and ports.
-    /// Best effort (the runner is going away either way). Blocking.
-    pub(crate) fn detach(&self, attachment: Attachment) {
-        if let Err(e) = nft::unmap_ports(&self.config.bridge, &attachment.ports) {
-            tracing::warn!(error = %e, "cannot remove a runner's port mappings");
+    /// Hands a destroyed runner's share to the reclaimer, which removes its port mappings,
+    /// neighbour entry and (if the kernel has not done so yet) its veth pair in the background,
+    /// then frees its address and ports. The runner's init must be dead: its namespace is
+    /// going away, and with it the veth pair.
+    pub(crate) fn release(&self, attachment: Attachment) {
+        if let Some(reclaimer) = &self.reclaimer {
+            reclaimer.send(attachment);
         }
-        let removed =
-            netlink::detach_runner(&attachment.veth, self.bridge_index, attachment.address);
-        if let Err(e) = removed {
-            tracing::warn!(error = %e, veth = attachment.veth, "cannot remove a runner's links");
-        }
-        let mut ports = lock(&self.ports);
-        attachment.ports.iter().for_each(|(_, host)| ports.give_back((*host).into()));
-        lock(&self.addresses).give_back(attachment.offset);
     }
 
     /// Where a client reaches `attachment`'s exposed ports.
@@ -242,8 +250,12 @@ impl Network {
 }
 
 impl Drop for Network {
-    /// Every runner is gone (each holds the runtime): remove the rules and the bridge.
+    /// Every runner is gone (each holds the runtime): finish reclaiming, then remove the
+    /// rules and the bridge.
     fn drop(&mut self) {
+        if let Some(reclaimer) = self.reclaimer.take() {
+            reclaimer.finish();
+        }
         nft::remove_table(&self.config.bridge);
         if let Err(e) = netlink::delete_link(&self.config.bridge) {
             tracing::warn!(error = %e, "cannot remove the bridge");
@@ -271,6 +283,32 @@ fn refuse_host_overlap(subnet: Ipv4Cidr, host: &[(Ipv4Addr, u8)]) -> Result<(), 
 fn runner_mac(offset: u32) -> [u8; 6] {
     let [.., high, low] = offset.to_be_bytes();
     [0x02, 0x70, 0x73, 0x64, high, low]
+}
+
+impl Allocations {
+    fn give_back(&self, attachments: &[Attachment]) {
+        let mut ports = lock(&self.ports);
+        let mut addresses = lock(&self.addresses);
+        for attachment in attachments {
+            attachment.ports.iter().for_each(|(_, host)| ports.give_back((*host).into()));
+            addresses.give_back(attachment.offset);
+        }
+    }
+}
+
+/// Removes what of `attachments` the kernel does not remove with their namespaces: port
+/// mappings (one nft batch) and neighbour entries, plus veth pairs still present. Returns
+/// whether everything is gone, so that addresses and ports may be handed out again.
+fn reclaim(bridge: &str, bridge_index: u32, attachments: &[&Attachment]) -> bool {
+    let ports: Vec<(u16, u16)> =
+        attachments.iter().flat_map(|attachment| attachment.ports.iter().copied()).collect();
+    let unmapped = nft::unmap_ports(bridge, &ports)
+        .inspect_err(|e| tracing::warn!(error = %e, "cannot remove runners' port mappings"));
+    let links: Vec<(&str, Ipv4Addr)> =
+        attachments.iter().map(|a| (a.veth.as_str(), a.address)).collect();
+    let detached = netlink::detach_runners(&links, bridge_index)
+        .inspect_err(|e| tracing::warn!(error = %e, "cannot remove runners' links"));
+    unmapped.is_ok() && detached.is_ok()
 }
 
 fn lock(pool: &Mutex<Pool>) -> std::sync::MutexGuard<'_, Pool> {

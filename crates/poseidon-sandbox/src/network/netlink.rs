@@ -215,8 +215,16 @@ async fn create_veth(
     // Isolated ports forward only to the bridge itself: no layer-2 path between runners.
     // Without learning, and with the runner's MAC pinned to its port and its address pinned
     // to its MAC, a runner that changes its own MAC or answers ARP for another runner's
-    // address cannot draw the host's traffic for that runner.
-    let port = LinkBridgePort::new(index).isolated(true).learning(false).build();
+    // address cannot draw the host's traffic for that runner. Nothing is flooded to the port
+    // either (every runner's MAC is pinned, so flooding is never needed): frames for a
+    // destroyed runner, whose port is gone before its address is reclaimed, reach no one.
+    let port = LinkBridgePort::new(index)
+        .isolated(true)
+        .learning(false)
+        .flood(false)
+        .mcast_flood(false)
+        .bcast_flood(false)
+        .build();
     host.link().set_port(port).execute().await.map_err(error("isolate the bridge port"))?;
     host.neighbours()
         .add_bridge(index, &link.mac)
@@ -233,26 +241,30 @@ async fn create_veth(
         .map_err(error("pin the runner's address to its MAC"))
 }
 
-/// Deletes a runner's veth pair and the bridge's neighbour entry for its address; missing
-/// ones are not an error.
-pub(super) fn detach_runner(
-    veth: &str,
+/// Deletes each runner's veth pair (when the kernel has not yet removed it with the runner's
+/// namespace) and the bridge's neighbour entry for its address; missing ones are not an error.
+pub(super) fn detach_runners(
+    runners: &[(&str, Ipv4Addr)],
     bridge_index: u32,
-    address: Ipv4Addr,
 ) -> Result<(), NetworkError> {
     run(async {
         let handle = connect()?;
-        let message = LinkUnspec::new_with_name(veth).build();
-        ignore_missing(handle.link().del_with_message(message).execute().await)
-            .map_err(error("delete the veth"))?;
-        let mut neighbour = NeighbourMessage::default();
-        neighbour.header.family = AddressFamily::Inet;
-        neighbour.header.ifindex = bridge_index;
-        neighbour.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(address)));
-        match handle.neighbours().del(neighbour).execute().await {
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENOENT => Ok(()),
-            other => other.map_err(error("delete the neighbour entry")),
+        for &(veth, address) in runners {
+            let message = LinkUnspec::new_with_name(veth).build();
+            ignore_missing(handle.link().del_with_message(message).execute().await)
+                .map_err(error("delete the veth"))?;
+            let mut neighbour = NeighbourMessage::default();
+            neighbour.header.family = AddressFamily::Inet;
+            neighbour.header.ifindex = bridge_index;
+            neighbour
+                .attributes
+                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(address)));
+            match handle.neighbours().del(neighbour).execute().await {
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENOENT => {}
+                other => other.map_err(error("delete the neighbour entry"))?,
+            }
         }
+        Ok(())
     })
 }
 

@@ -1,12 +1,13 @@
 //! Our nftables table: the egress policy of runners and the map of exposed ports.
 //!
-//! The table is `inet <bridge>` and is loaded atomically with one `nft -f -` batch; per-runner
+//! The table is `inet <bridge>` and is loaded atomically with one batch (through libnftables, in-process); per-runner
 //! changes are one batch of element adds or deletes on the `ports` map. `docs/security.md`
 //! explains each rule.
 
-use std::io::Write;
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use crate::sys::Nftables;
 
 use super::{NetworkConfig, NetworkError};
 
@@ -120,24 +121,14 @@ pub(super) fn unmap_ports(table: &str, ports: &[(u16, u16)]) -> Result<(), Netwo
     apply(&format!("delete element inet {table} ports {{ {} }}\n", keys.join(", ")))
 }
 
-/// Runs one `nft -f -` batch (all or nothing).
+/// Runs one batch (all or nothing) through libnftables, loaded at first use. The context's
+/// netlink socket belongs to the network namespace it was first used in: callers are always
+/// in the host's (runner namespaces are only ever entered by threads of `netlink`).
 fn apply(batch: &str) -> Result<(), NetworkError> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| NetworkError::Nft(format!("cannot run nft (is nftables installed?): {e}")))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(batch.as_bytes()).map_err(|e| NetworkError::Nft(e.to_string()))?;
-    }
-    let output = child.wait_with_output().map_err(|e| NetworkError::Nft(e.to_string()))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(NetworkError::Nft(String::from_utf8_lossy(&output.stderr).trim().to_owned()))
-    }
+    static NFTABLES: OnceLock<Result<Nftables, String>> = OnceLock::new();
+    let nftables =
+        NFTABLES.get_or_init(Nftables::load).as_ref().map_err(|e| NetworkError::Nft(e.clone()))?;
+    nftables.run(batch).map_err(NetworkError::Nft)
 }
 
 #[cfg(test)]
