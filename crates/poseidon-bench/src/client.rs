@@ -127,15 +127,26 @@ impl Poseidon {
     }
 
     /// Creates or updates environment `id` with a prewarming pool of `pool` runners of the
-    /// built-in `host` image.
+    /// built-in `host` image, without network access.
     pub async fn put_environment(&self, id: u64, pool: u64) -> Result<(), ClientError> {
+        self.put_environment_with(id, pool, None).await
+    }
+
+    /// [`Poseidon::put_environment`]; with `exposed_ports`, the runners get network access and
+    /// these ports mapped.
+    pub async fn put_environment_with(
+        &self,
+        id: u64,
+        pool: u64,
+        exposed_ports: Option<&[u16]>,
+    ) -> Result<(), ClientError> {
         let body = json!({
             "prewarmingPoolSize": pool,
             "cpuLimit": 0,
             "memoryLimit": 256,
             "image": "host",
-            "networkAccess": false,
-            "exposedPorts": [],
+            "networkAccess": exposed_ports.is_some(),
+            "exposedPorts": exposed_ports.unwrap_or_default(),
         });
         self.ledger().environments.insert(id);
         let request = self.request(Method::PUT, &format!("/execution-environments/{id}"));

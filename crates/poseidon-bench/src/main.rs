@@ -95,6 +95,12 @@ struct Args {
     /// concurrency: seconds the long executions sleep.
     #[arg(long, default_value_t = 5)]
     sleep: u64,
+    /// network-pool: prewarming pool size of network-enabled runners.
+    #[arg(long, default_value_t = 50)]
+    network_pool: u64,
+    /// network-pool: rounds of claim + DELETE, each timed until the pool is full again.
+    #[arg(long, default_value_t = 100)]
+    network_rounds: usize,
     /// Seconds any pool may take to fill before the scenario fails.
     #[arg(long, default_value_t = 120)]
     fill_timeout: u64,
@@ -121,11 +127,16 @@ impl Args {
                 idle_runners: 10,
                 concurrent: 5,
                 sleep_secs: 1,
+                network_pool: 3,
+                network_rounds: 3,
                 fill_timeout: Duration::from_secs(20),
             });
         }
         anyhow::ensure!(self.learners > 0 && self.concurrent > 0, "sizes must be positive");
-        anyhow::ensure!(self.pool > 0 && self.idle_runners > 0, "pool sizes must be positive");
+        anyhow::ensure!(
+            self.pool > 0 && self.idle_runners > 0 && self.network_pool > 0,
+            "pool sizes must be positive"
+        );
         Ok(Sizes {
             executions: self.executions,
             learners: self.learners,
@@ -134,6 +145,8 @@ impl Args {
             idle_runners: self.idle_runners,
             concurrent: self.concurrent,
             sleep_secs: self.sleep,
+            network_pool: self.network_pool,
+            network_rounds: self.network_rounds,
             fill_timeout: Duration::from_secs(self.fill_timeout),
         })
     }
@@ -177,7 +190,7 @@ async fn run(args: &Args) -> anyhow::Result<ExitCode> {
         sizes,
         docker: docker.as_ref(),
         service: spawned.as_ref().map(SpawnedService::process),
-        environment_base: 7_000_000 + u64::from(std::process::id() % 100_000) * 10,
+        environment_base: 7_000_000 + u64::from(std::process::id() % 100_000) * 100,
     };
     let outcome = tokio::select! {
         () = run_scenarios(&bench, args.scenario, &mut report.scenarios) => Ok(()),

@@ -215,6 +215,7 @@ fn config_yaml(port: u16, token: &str, statedir: &Path, cgroup: &str) -> String 
         "server:\n  address: 127.0.0.1\n  port: {port}\n  token: {token}\n\
          statedir: {}\n\
          local:\n  cgroupname: {cgroup}\n\
+         \x20 network:\n    enabled: true\n    bridge: pbench0\n    subnet: 10.218.0.0/16\n\
          logger:\n  level: warn\n",
         statedir.display()
     )

@@ -4,6 +4,7 @@ mod concurrency;
 mod exec_latency;
 mod idle_footprint;
 mod learner_cycle;
+mod network_pool;
 mod pool_refill;
 
 use crate::client::{ClientError, Poseidon};
@@ -26,6 +27,9 @@ pub struct Sizes {
     pub idle_runners: u64,
     pub concurrent: usize,
     pub sleep_secs: u64,
+    /// network-pool: pool size, and rounds of claim + DELETE.
+    pub network_pool: u64,
+    pub network_rounds: usize,
     /// Bound for every wait on a pool to fill.
     pub fill_timeout: Duration,
 }
@@ -38,6 +42,7 @@ pub enum Scenario {
     PoolRefill,
     IdleFootprint,
     Concurrency,
+    NetworkPool,
     All,
 }
 
@@ -50,6 +55,7 @@ impl Scenario {
                 Scenario::LearnerCycle,
                 Scenario::Concurrency,
                 Scenario::PoolRefill,
+                Scenario::NetworkPool,
                 Scenario::IdleFootprint,
             ],
             one => vec![one],
@@ -83,7 +89,7 @@ pub struct Bench<'a> {
     /// The service when the harness spawned it, for memory and CPU figures.
     pub service: Option<ServiceProcess>,
     /// Environment ids of this run start here; derived from the pid so that runs against a
-    /// shared service do not collide.
+    /// shared service do not collide. Each scenario has ten ids from `base + 10 × scenario`.
     pub environment_base: u64,
 }
 
@@ -119,13 +125,14 @@ impl Bench<'_> {
     }
 
     async fn run_scenario(&self, scenario: Scenario) -> ScenarioReport {
-        let environment = self.environment_base + scenario as u64;
+        let environment = self.environment_base + 10 * scenario as u64;
         match scenario {
             Scenario::ExecLatency => exec_latency::run(self, environment).await,
             Scenario::LearnerCycle => learner_cycle::run(self, environment).await,
             Scenario::PoolRefill => pool_refill::run(self, environment).await,
             Scenario::IdleFootprint => idle_footprint::run(self, environment).await,
             Scenario::Concurrency => concurrency::run(self, environment).await,
+            Scenario::NetworkPool => network_pool::run(self, environment).await,
             Scenario::All => unreachable!("`all` is expanded before running"),
         }
     }
