@@ -143,10 +143,15 @@ impl Shared {
 
     fn apply(self: &Arc<Self>, effects: Effects) {
         for sandbox in effects.destroy {
-            self.spawn(destroy(sandbox));
+            // Not cancellable: a destroy cut short would leave the sandbox's cgroups.
+            self.tasks.spawn(destroy(sandbox));
         }
         for (id, incarnation, restart) in effects.start {
-            self.spawn(run_alloc(self.clone(), id, incarnation, restart));
+            // Cancelled only between steps (see `pause`): a sandbox creation cut short
+            // could leave cgroups behind.
+            if !self.shut_down.load(Ordering::SeqCst) {
+                self.tasks.spawn(run_alloc(self.clone(), id, incarnation, restart));
+            }
         }
         for (id, incarnation) in effects.kill {
             self.spawn(kill_alloc(self.clone(), id, incarnation));
@@ -161,6 +166,14 @@ impl Shared {
         }
         if effects.wake_scheduler {
             self.scheduler.notify_one();
+        }
+    }
+
+    /// Sleeps; `false` if the simulator shuts down meanwhile.
+    async fn pause(&self, duration: Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(duration) => !self.cancel.is_cancelled(),
+            () = self.cancel.cancelled() => false,
         }
     }
 
@@ -213,15 +226,21 @@ async fn run_alloc(shared: Arc<Shared>, id: String, incarnation: u64, restart: b
     let delays = shared.delays();
     let step = delays.pending / 3;
     if restart {
-        tokio::time::sleep(delays.restart).await;
+        if !shared.pause(delays.restart).await {
+            return;
+        }
     } else {
-        tokio::time::sleep(step).await;
+        if !shared.pause(step).await {
+            return;
+        }
         if !shared.with_cluster(|c| {
             (c.client_update(&id, incarnation, Cluster::received), Effects::default())
         }) {
             return;
         }
-        tokio::time::sleep(step).await;
+        if !shared.pause(step).await {
+            return;
+        }
         if !shared.with_cluster(|c| {
             (c.client_update(&id, incarnation, Cluster::task_setup), Effects::default())
         }) {
@@ -235,12 +254,12 @@ async fn run_alloc(shared: Arc<Shared>, id: String, incarnation: u64, restart: b
             return;
         }
     };
-    tokio::time::sleep(step).await;
     let kept = sandbox.clone();
-    let started = shared.with_cluster(|c| {
-        let applied = c.client_update(&id, incarnation, |alloc| Cluster::started(alloc, kept));
-        (applied, Effects::default())
-    });
+    let started = shared.pause(step).await
+        && shared.with_cluster(|c| {
+            let applied = c.client_update(&id, incarnation, |alloc| Cluster::started(alloc, kept));
+            (applied, Effects::default())
+        });
     if !started && let Some(sandbox) = sandbox {
         destroy(sandbox).await;
     }
