@@ -1087,8 +1087,14 @@ impl Cluster {
         update(alloc);
         alloc.modify_index = index;
         alloc.modify_time = now_nanos();
+        let failed = alloc.client_status == "failed";
         let (namespace, job_id) = (alloc.namespace.clone(), alloc.job_id.clone());
         let mut events = vec![self.alloc_event("AllocationUpdated", id)];
+        if failed {
+            // In the same write as the failure, so the job never looks dead in between.
+            let eval = self.create_eval(&namespace, &job_id, "alloc-failure", index, "pending");
+            events.push(self.eval_event("AllocationUpdated", &eval));
+        }
         events.extend(self.refresh_job_status(&namespace, &job_id, "AllocationUpdated"));
         self.events.publish(index, events);
         true
@@ -1148,7 +1154,7 @@ impl Cluster {
             Cluster::mark_failed(alloc);
         });
         if applied {
-            effects.merge(self.after_failure(id));
+            effects.merge(self.after_failure());
         }
         effects
     }
@@ -1271,7 +1277,7 @@ impl Cluster {
             effects.start.push((alloc.id.clone(), alloc.incarnation, true));
         });
         if exhausted && policy.mode == "fail" {
-            effects.merge(self.after_failure(id));
+            effects.merge(self.after_failure());
         }
         Ok(effects)
     }
@@ -1298,18 +1304,12 @@ impl Cluster {
             Cluster::task_event(alloc, event, Some("dead"));
             Cluster::mark_failed(alloc);
         });
-        effects.merge(self.after_failure(id));
+        effects.merge(self.after_failure());
         Ok(effects)
     }
 
-    /// A failed allocation triggers an `alloc-failure` evaluation and frees its slot.
-    fn after_failure(&mut self, id: &str) -> Effects {
-        let Some(alloc) = self.allocs.get(id) else { return Effects::default() };
-        let (namespace, job_id) = (alloc.namespace.clone(), alloc.job_id.clone());
-        let index = self.index;
-        let eval = self.create_eval(&namespace, &job_id, "alloc-failure", index, "pending");
-        let event = self.eval_event("AllocationUpdated", &eval);
-        self.events.publish(index, vec![event]);
+    /// A failed allocation frees its slot; its `alloc-failure` evaluation is queued.
+    fn after_failure(&mut self) -> Effects {
         self.unblock();
         Effects { wake_scheduler: true, ..Effects::default() }
     }

@@ -166,6 +166,8 @@ pub fn poseidon_job(id: &str, namespace: &str) -> Value {
 pub struct EventStream {
     body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
     buffer: Vec<u8>,
+    /// Batches below this index are skipped (a resume past the end re-delivers one).
+    min_index: u64,
 }
 
 impl EventStream {
@@ -177,7 +179,15 @@ impl EventStream {
             .await
             .expect("event stream");
         assert_eq!(response.status(), 200);
-        EventStream { body: response.bytes_stream().boxed(), buffer: Vec::new() }
+        EventStream { body: response.bytes_stream().boxed(), buffer: Vec::new(), min_index: 0 }
+    }
+
+    /// A stream of what happens from now on.
+    pub async fn open_after(sim: &TestSim, topics: &str) -> EventStream {
+        let next = sim.sim.index() + 1;
+        let mut stream = EventStream::open(sim, &format!("{topics}&index={next}")).await;
+        stream.min_index = next;
+        stream
     }
 
     /// The next line, `None` at the end of the stream.
@@ -198,7 +208,7 @@ impl EventStream {
     pub async fn batch(&mut self) -> Option<Value> {
         loop {
             let line = self.line().await?;
-            if line != json!({}) {
+            if line != json!({}) && line["Index"].as_u64().unwrap_or(0) >= self.min_index {
                 return Some(line);
             }
         }
