@@ -214,3 +214,72 @@ async fn a_client_disconnect_does_not_kill_the_process() {
     assert_eq!(outcome.stdout, "done\n");
     sim.finish().await;
 }
+
+#[tokio::test]
+async fn sessions_run_concurrently_and_the_user_account_exists() {
+    let sim = TestSim::with_sandboxes(SimConfig::default()).await;
+    sim.register(&poseidon_job("1-exec-g", "default")).await;
+    let alloc = sim.running_alloc("1-exec-g").await;
+    // Poseidon's split-stderr technique: a second session reads a FIFO the first writes.
+    let reader = exec_connect(
+        &sim,
+        &alloc.id,
+        &["/bin/bash", "-c", "mkfifo /tmp/e.fifo && cat /tmp/e.fifo; rm /tmp/e.fifo"],
+        true,
+        None,
+    )
+    .await;
+    let writer = exec_connect(
+        &sim,
+        &alloc.id,
+        &["/bin/bash", "-c", "until [ -e /tmp/e.fifo ]; do sleep 0.01; done; (echo out; echo err >&2) 2> /tmp/e.fifo"],
+        true,
+        None,
+    )
+    .await;
+    let (read, written) = tokio::join!(exec_collect(reader), exec_collect(writer));
+    assert_eq!(written.stdout, "out\r\n");
+    assert_eq!(read.stdout, "err\r\n");
+    assert_eq!((read.exit_code, written.exit_code), (Some(0), Some(0)));
+    let user = exec(
+        &sim,
+        &alloc.id,
+        &["setpriv", "--reuid=1001", "--regid=1001", "--clear-groups", "id", "-un"],
+        false,
+    )
+    .await;
+    assert_eq!(user.stdout, "user\n", "{user:?}");
+    sim.finish().await;
+}
+
+#[tokio::test]
+async fn exec_into_a_pending_allocation_is_refused() {
+    let sim = TestSim::start(SimConfig {
+        pending_delay: Duration::from_secs(30),
+        ..SimConfig::default()
+    })
+    .await;
+    sim.register(&poseidon_job("1-exec-h", "default")).await;
+    let allocs = sim.wait_allocs("1-exec-h", |a| !a.is_empty()).await;
+    let outcome = exec(&sim, &allocs[0].id, &["true"], false).await;
+    assert_eq!(outcome.close, Some((1008, "task \"default-task\" not started yet.".into())));
+    let command: String = form_urlencoded::byte_serialize(b"[\"true\"]").collect();
+    let url = format!(
+        "ws://{}/v1/client/allocation/{}/exec?tty=false&command={command}",
+        sim.sim.address(),
+        allocs[0].id
+    );
+    let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let outcome = exec_collect(socket).await;
+    assert_eq!(outcome.close, Some((1008, "must provide task name".into())));
+    let url = format!(
+        "ws://{}/v1/client/allocation/{}/exec?task=default-task&command=nojson",
+        sim.sim.address(),
+        allocs[0].id
+    );
+    assert!(
+        tokio_tungstenite::connect_async(url).await.is_err(),
+        "a malformed command fails before the upgrade"
+    );
+    sim.finish().await;
+}
