@@ -6,8 +6,19 @@
 //! # API
 //!
 //! ```no_run
-//! # async fn demo(runtime: poseidon_sandbox::Runtime) -> Result<(), nomad_sim::SimError> {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use nomad_sim::{SimConfig, Simulator};
+//! use poseidon_sandbox::{Limits, Runtime, RuntimeConfig};
+//! // Any binary that runs `poseidon_sandbox::init::main` for `sandbox-init` can be the
+//! // sandboxes' init: `poseidon` itself, or `nomad-sim`.
+//! let runtime = Runtime::new(RuntimeConfig {
+//!     state_dir: "/tmp/my-test-state".into(), // every ancestor searchable by the sandboxes
+//!     init_program: "/path/to/poseidon".into(), // e.g. env!("CARGO_BIN_EXE_poseidon")
+//!     init_args: vec!["sandbox-init".into()],
+//!     cgroup_name: "my-test-unique-name".into(), // removed when the runtime is dropped
+//!     uid_base: 500_000,
+//!     defaults: Limits::default(),
+//! })?;
 //! let sim = Simulator::start(SimConfig { runtime: Some(runtime), ..SimConfig::default() }).await?;
 //! let base = sim.url(); // "http://127.0.0.1:<port>", also `sim.address()`
 //! # let alloc_id = String::new();
