@@ -75,6 +75,11 @@
 //! without a close frame. A client disconnect does not kill the process; stopping, killing
 //! or restarting the allocation does (the session then ends with close code 1011
 //! `failed to inspect exec: container is gone`).
+//!
+//! Dynamic ports (`Networks[0].DynamicPorts`) get host ports from 20000–32000, reported in
+//! `AllocatedResources.Shared.Ports` (`HostIP` `127.0.0.1`) and `Shared.Networks`; while the
+//! allocation runs, a connection to `127.0.0.1:<host port>` reaches `127.0.0.1:<To>` inside
+//! its sandbox (relayed by a process in the sandbox, which has no network of its own).
 #![forbid(unsafe_code)]
 
 mod cluster;

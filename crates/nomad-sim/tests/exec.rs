@@ -283,3 +283,41 @@ async fn exec_into_a_pending_allocation_is_refused() {
     );
     sim.finish().await;
 }
+
+#[tokio::test]
+async fn a_server_in_the_allocation_is_reachable_on_its_host_port() {
+    let sim = TestSim::with_sandboxes(SimConfig::default()).await;
+    let mut job = poseidon_job("1-exec-i", "default");
+    job["TaskGroups"][0]["Networks"] =
+        json!([{"Mode": "bridge", "DynamicPorts": [{"Label": "8080", "To": 8080}]}]);
+    sim.register(&job).await;
+    let alloc = sim.running_alloc("1-exec-i").await;
+    let host_port = alloc.ports[0].1;
+    // The server lives as long as its exec session.
+    let server = exec_connect(
+        &sim,
+        &alloc.id,
+        &[
+            "/bin/bash",
+            "-c",
+            "cd /tmp && echo hello > index.txt && python3 -m http.server 8080 --bind 127.0.0.1",
+        ],
+        false,
+        None,
+    )
+    .await;
+    let url = format!("http://127.0.0.1:{host_port}/index.txt");
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let body = loop {
+        if let Ok(response) = reqwest::get(&url).await
+            && response.status() == 200
+        {
+            break response.text().await.unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "the server never answered on {url}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(body, "hello\n");
+    drop(server);
+    sim.finish().await;
+}
