@@ -47,8 +47,8 @@
 //!   desired stop with migrate, replacement placed, old one killed); all return
 //!   `Result<(), `[`FaultError`]`>`. `set_capacity(Option<usize>)` (blocked evaluations are
 //!   placed when room appears), `drop_event_streams()` (every stream ends with EOF; clients
-//!   resume by index), `clear_event_buffer()` (a server restart: the buffer is empty,
-//!   indexes continue), `set_unreachable(bool).await` (down: the port refuses connections and
+//!   resume by index), `clear_event_buffer()` (a server restart: streams end, the buffer
+//!   is empty, indexes continue), `set_unreachable(bool).await` (down: the port refuses connections and
 //!   every open connection, stream and exec session is cut; up: the same port listens
 //!   again), `set_pending_delay`, `set_schedule_delay`, `set_suppress_stop_events(bool)`
 //!   (Nomad sometimes sends no allocation stop events), `create_namespace(name)`;
@@ -335,9 +335,11 @@ impl SimHandle {
         self.shared.stream_drops.send_modify(|n| *n += 1);
     }
 
-    /// Empties the event buffer, as a server restart does.
+    /// Empties the event buffer and ends every stream, as a server restart does; indexes
+    /// continue where they were.
     pub fn clear_event_buffer(&self) {
         self.shared.cluster().events.clear();
+        self.drop_event_streams();
     }
 
     /// Down: connections are refused and open ones cut. Up: listening again on the same port.

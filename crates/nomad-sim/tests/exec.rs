@@ -321,3 +321,43 @@ async fn a_server_in_the_allocation_is_reachable_on_its_host_port() {
     drop(server);
     sim.finish().await;
 }
+
+#[tokio::test]
+async fn the_browser_handshake_carries_the_token() {
+    use tokio_tungstenite::tungstenite::Message;
+    let sim =
+        TestSim::with_sandboxes(SimConfig { acl_token: Some("t".into()), ..SimConfig::default() })
+            .await;
+    let response = sim
+        .client
+        .put(sim.url("/v1/jobs"))
+        .header("X-Nomad-Token", "t")
+        .json(&json!({"Job": poseidon_job("1-exec-j", "default")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let alloc = sim.running_alloc("1-exec-j").await;
+    let command: String = form_urlencoded::byte_serialize(b"[\"echo\",\"ok\"]").collect();
+    let url = format!(
+        "ws://{}/v1/client/allocation/{}/exec?task=default-task&ws_handshake=true&command={command}",
+        sim.sim.address(),
+        alloc.id
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+    futures::SinkExt::send(
+        &mut socket,
+        Message::text(json!({"version": 1, "auth_token": "t"}).to_string()),
+    )
+    .await
+    .unwrap();
+    let outcome = exec_collect(socket).await;
+    assert_eq!((outcome.stdout.as_str(), outcome.exit_code), ("ok\n", Some(0)));
+    let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+    futures::SinkExt::send(&mut socket, Message::text(json!({"version": 2}).to_string()))
+        .await
+        .unwrap();
+    let outcome = exec_collect(socket).await;
+    assert_eq!(outcome.close, Some((1008, "unexpected handshake value: 2".into())));
+    sim.finish().await;
+}
