@@ -437,14 +437,19 @@ impl Cluster {
             return (Deregistered { eval_id: String::new(), index: 0 }, Effects::default());
         }
         let index = self.bump();
-        let job_event = self.job_event("JobDeregistered", &key, index, false);
-        if purge {
+        // A purge reports the job as it was; a stop reports the stopped job.
+        let job_event = if purge {
+            let event = self.job_event("JobDeregistered", &key, index, false);
             self.jobs.remove(&key);
-        } else if let Some(job) = self.jobs.get_mut(&key) {
-            job.stop = true;
-            job.modify_index = index;
-            job.job_modify_index = index;
-        }
+            event
+        } else {
+            if let Some(job) = self.jobs.get_mut(&key) {
+                job.stop = true;
+                job.modify_index = index;
+                job.job_modify_index = index;
+            }
+            self.job_event("JobDeregistered", &key, index, true)
+        };
         let eval_id = self.create_eval(namespace, id, "job-deregister", index, "pending");
         self.events.publish(index, vec![job_event]);
         let eval_event = self.eval_event("JobDeregistered", &eval_id);
@@ -457,6 +462,9 @@ impl Cluster {
         let Some(job) = self.jobs.get(&(namespace.to_owned(), id.to_owned())) else {
             return "dead";
         };
+        if job.stop {
+            return "dead";
+        }
         let mine = |a: &&Alloc| {
             a.namespace == namespace && a.job_id == id && a.job_create_index >= job.create_index
         };

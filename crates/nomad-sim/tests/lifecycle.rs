@@ -316,8 +316,12 @@ async fn deregister_without_purge_keeps_a_stopped_dead_job() {
     let sim = TestSim::start(SimConfig::default()).await;
     sim.register(&poseidon_job("29-j", "default")).await;
     sim.running_alloc("29-j").await;
+    let mut stream = EventStream::open_after(&sim, "topic=Job").await;
     let (status, _) = sim.delete("/v1/job/29-j").await;
     assert_eq!(status, 200);
+    let events = stream.until(|e| e["Type"] == "JobDeregistered").await;
+    assert_eq!(events[0]["Payload"]["Job"]["Stop"], true);
+    assert_eq!(events[0]["Payload"]["Job"]["Status"], "dead");
     sim.wait_allocs("29-j", |a| a[0].client_status == "complete").await;
     let job = sim.get_json("/v1/job/29-j").await;
     assert_eq!(job["Stop"], true);
