@@ -803,10 +803,12 @@ impl Cluster {
                 Replacement::None => {}
             }
         }
-        for slot in (0..group.count).filter(|s| !occupied.contains(s)) {
+        let free: Vec<u32> = (0..group.count).filter(|s| !occupied.contains(s)).collect();
+        for (placed, slot) in free.iter().copied().enumerate() {
             if !self.has_room() {
-                *plan.failed.entry(group.name.clone()).or_default() += 1;
-                continue;
+                let unplaced = u32::try_from(free.len() - placed).unwrap_or(u32::MAX);
+                *plan.failed.entry(group.name.clone()).or_default() += unplaced;
+                break;
             }
             let previous = predecessors.get(&slot).cloned();
             let id = self.place(job, group, slot, eval_id, previous.as_deref(), plan);

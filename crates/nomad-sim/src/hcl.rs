@@ -60,15 +60,19 @@ struct Block {
     body: Body,
 }
 
+/// Nesting deeper than this is refused, so hostile input cannot exhaust the stack.
+const MAX_DEPTH: usize = 32;
+
 struct Parser<'a> {
     text: &'a [u8],
     at: usize,
     line: usize,
+    depth: usize,
 }
 
 impl<'a> Parser<'a> {
     fn new(text: &'a str) -> Parser<'a> {
-        Parser { text: text.as_bytes(), at: 0, line: 1 }
+        Parser { text: text.as_bytes(), at: 0, line: 1, depth: 0 }
     }
 
     fn error(&self, message: impl Into<String>) -> ParseError {
@@ -172,17 +176,30 @@ impl<'a> Parser<'a> {
                 self.skip(false);
             }
             self.expect(b'{')?;
-            let inner = self.body(false)?;
+            let inner = self.nested(|p| p.body(false))?;
             body.blocks.push(Block { kind: name, labels, body: inner });
         }
+    }
+
+    fn nested<T>(
+        &mut self,
+        parse: impl FnOnce(&mut Self) -> Result<T, ParseError>,
+    ) -> Result<T, ParseError> {
+        if self.depth == MAX_DEPTH {
+            return Err(self.error(format!("nesting deeper than {MAX_DEPTH} levels")));
+        }
+        self.depth += 1;
+        let result = parse(self);
+        self.depth -= 1;
+        result
     }
 
     fn value(&mut self) -> Result<Value, ParseError> {
         self.skip(true);
         match self.peek() {
             Some(b'"') => self.string().map(Value::String),
-            Some(b'[') => self.list(),
-            Some(b'{') => self.object(),
+            Some(b'[') => self.nested(Parser::list),
+            Some(b'{') => self.nested(Parser::object),
             Some(c) if c == b'-' || c.is_ascii_digit() => self.number(),
             Some(c) if c.is_ascii_alphabetic() => match self.identifier()?.as_str() {
                 "true" => Ok(json!(true)),
@@ -518,6 +535,8 @@ mod tests {
         let error = parse_job("job \"x\" {\n  count = \n}").unwrap_err();
         assert!(matches!(error, ParseError::Syntax { line: 3, .. }), "{error:?}");
         assert!(matches!(parse_job("job \"x\" {"), Err(ParseError::Syntax { .. })));
+        let deep = format!("job \"x\" {{ meta {{ a = {} }} }}", "[".repeat(100_000));
+        assert!(parse_job(&deep).unwrap_err().to_string().contains("nesting"));
         let error = parse_job("job \"x\" { vault { policies = [] } }").unwrap_err();
         assert!(error.to_string().contains("\"vault\""), "{error}");
     }
