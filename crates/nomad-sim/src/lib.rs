@@ -48,9 +48,10 @@
 //!   `Result<(), `[`FaultError`]`>`. `set_capacity(Option<usize>)` (blocked evaluations are
 //!   placed when room appears), `drop_event_streams()` (every stream ends with EOF; clients
 //!   resume by index), `clear_event_buffer()` (a server restart: streams end, the buffer
-//!   is empty, indexes continue), `set_unreachable(bool).await` (down: the port refuses connections and
-//!   every open connection, stream and exec session is cut; up: the same port listens
-//!   again), `set_pending_delay`, `set_schedule_delay`, `set_suppress_stop_events(bool)`
+//!   is empty, indexes continue), `set_unreachable(bool).await` (down: the port refuses
+//!   connections and every open connection, stream and exec session is cut; up: the same
+//!   port listens again), `set_pending_delay`, `set_schedule_delay`,
+//!   `set_suppress_stop_events(bool)`
 //!   (Nomad sometimes sends no allocation stop events), `create_namespace(name)`;
 //!   inspection — `jobs() -> Vec<`[`JobInfo`]`>`, `allocations() -> Vec<`[`AllocInfo`]`>`,
 //!   `evaluations() -> Vec<`[`EvalInfo`]`>`, `requests() -> Vec<`[`RecordedRequest`]`>`
@@ -70,6 +71,8 @@
 //!
 //! Exec runs `argv` as `exec 'argv0' 'argv1' …` through the sandbox's `bash -c`, as root of
 //! the sandbox (a container's default user), in `/workspace`, with a real PTY for `tty=true`.
+//! The host image has no `/sbin/setuser` (phusion's); `setpriv --reuid=1001 --regid=1001
+//! --clear-groups <cmd>` runs a command as the image's `user`.
 //! Frames are Nomad's (§4.2/§4.3): ≤ 1024-byte output chunks, `close` frames, then
 //! `{"exited":true,"result":{}}` (exit code 0 omitted) and the TCP connection is dropped
 //! without a close frame. A client disconnect does not kill the process; stopping, killing
