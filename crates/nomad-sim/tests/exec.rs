@@ -4,7 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestSim, exec, exec_collect, exec_connect, exec_send, poseidon_job, stdin_frame};
+use common::{
+    TestSim, exec, exec_collect, exec_connect, exec_send, exec_wait_for, poseidon_job, stdin_frame,
+};
 use nomad_sim::SimConfig;
 use serde_json::json;
 
@@ -60,9 +62,9 @@ async fn tty_exec_merges_output_translates_newlines_and_echoes() {
     assert_eq!(outcome.exit_code, Some(0));
 
     // ^\ is SIGQUIT for the foreground process, Poseidon's way to stop a command.
-    let mut socket =
-        exec_connect(&sim, &alloc.id, &["/bin/bash", "-c", "sleep 30"], true, None).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let argv = ["/bin/bash", "-c", "echo ready; exec sleep 30"];
+    let mut socket = exec_connect(&sim, &alloc.id, &argv, true, None).await;
+    exec_wait_for(&mut socket, "ready").await;
     exec_send(&mut socket, stdin_frame(&[0x1c])).await;
     let outcome = exec_collect(socket).await;
     assert_eq!(outcome.exit_code, Some(131), "{outcome:?}");
@@ -171,15 +173,13 @@ async fn stopping_the_allocation_ends_running_sessions() {
     let sim = TestSim::with_sandboxes(SimConfig::default()).await;
     sim.register(&poseidon_job("1-exec-e", "default")).await;
     let alloc = sim.running_alloc("1-exec-e").await;
-    let socket =
-        exec_connect(&sim, &alloc.id, &["/bin/bash", "-c", "echo started; sleep 60"], false, None)
-            .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let argv = ["/bin/bash", "-c", "echo started; sleep 60"];
+    let mut socket = exec_connect(&sim, &alloc.id, &argv, false, None).await;
+    assert_eq!(exec_wait_for(&mut socket, "started").await, "started\n");
     sim.sim.restart_allocation(&alloc.id, true).unwrap();
     let started = std::time::Instant::now();
     let outcome = exec_collect(socket).await;
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert_eq!(outcome.stdout, "started\n");
     assert_eq!(
         outcome.close,
         Some((1011, "failed to inspect exec: container is gone".into())),
@@ -209,9 +209,14 @@ async fn a_client_disconnect_does_not_kill_the_process() {
     )
     .await;
     drop(socket);
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let outcome = exec(&sim, &alloc.id, &["ls", "/workspace"], false).await;
-    assert_eq!(outcome.stdout, "done\n");
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while exec(&sim, &alloc.id, &["ls", "/workspace"], false).await.stdout != "done\n" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the process did not finish after the disconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     sim.finish().await;
 }
 

@@ -370,3 +370,22 @@ pub async fn exec_collect(mut socket: Socket) -> ExecOutcome {
 pub async fn exec(sim: &TestSim, alloc: &str, argv: &[&str], tty: bool) -> ExecOutcome {
     exec_collect(exec_connect(sim, alloc, argv, tty, None).await).await
 }
+
+/// Reads stdout frames until `text` appeared (the process is surely running then).
+pub async fn exec_wait_for(socket: &mut Socket, text: &str) -> String {
+    use base64::Engine;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut stdout = String::new();
+    while !stdout.contains(text) {
+        let next = tokio::time::timeout(WAIT, socket.next()).await.expect("output in time");
+        let Some(Ok(Message::Text(frame))) = next else {
+            panic!("the session ended before {text:?}: {stdout:?}")
+        };
+        let frame: Value = serde_json::from_str(&frame).expect("a JSON frame");
+        if let Some(data) = frame["stdout"]["data"].as_str() {
+            let bytes = base64::engine::general_purpose::STANDARD.decode(data).unwrap();
+            stdout.push_str(&String::from_utf8_lossy(&bytes));
+        }
+    }
+    stdout
+}
