@@ -61,8 +61,10 @@ async fn tty_exec_merges_output_translates_newlines_and_echoes() {
     assert_eq!(outcome.stdout, "abc\r\ngot:abc\r\n", "the terminal echoes the input");
     assert_eq!(outcome.exit_code, Some(0));
 
-    // ^\ is SIGQUIT for the foreground process, Poseidon's way to stop a command.
-    let argv = ["/bin/bash", "-c", "echo ready; exec sleep 30"];
+    // ^\ is SIGQUIT for the foreground process, Poseidon's way to stop a command. The
+    // process says it is ready itself: a bash still on its way to `exec` survives SIGQUIT.
+    let ready = "import time; print('ready', flush=True); time.sleep(30)";
+    let argv = ["python3", "-c", ready];
     let mut socket = exec_connect(&sim, &alloc.id, &argv, true, None).await;
     exec_wait_for(&mut socket, "ready").await;
     exec_send(&mut socket, stdin_frame(&[0x1c])).await;
