@@ -34,7 +34,8 @@ mod tests {
             "docker.io/openhpi/co_execenv_python:3.8"
         );
         assert_eq!(normalize("127.0.0.1:5000/a/b:1").unwrap(), "127.0.0.1:5000/a/b:1");
-        assert!(normalize("UPPER/case").is_err());
+        assert!(normalize("Python").is_err());
+        assert!(normalize("a b").is_err());
         assert!(normalize("").is_err());
     }
 }

@@ -357,9 +357,12 @@ fn remove_at(parent: BorrowedFd<'_>, name: &OsStr, depth: usize) -> io::Result<(
     }
 }
 
+/// Names in a directory; `dir` may be an `O_PATH` descriptor (reopened for reading).
 fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let readable = rustix::fs::openat(dir, ".", flags, Mode::empty())?;
     let mut names = Vec::new();
-    for entry in Dir::read_from(dir)? {
+    for entry in Dir::read_from(&readable)? {
         let name = entry?.file_name().to_bytes().to_vec();
         if name != b"." && name != b".." {
             names.push(OsString::from_vec(name));
