@@ -211,11 +211,12 @@ impl Store {
     }
 
     /// Removes a reference; the image's root file system and blobs go when no other reference
-    /// needs them. `users_of` names the execution environments that use an image (none: empty).
+    /// needs them. `users_of` names the execution environments that use the reference; removal
+    /// is refused when there are any.
     pub fn remove(
         &self,
         name: &str,
-        users_of: impl Fn(&ImageRecord) -> Vec<String>,
+        users_of: impl FnOnce(&ImageRecord) -> Vec<String>,
     ) -> Result<ImageRecord, StoreError> {
         let reference = reference::normalize(name)?;
         let _lock = self.lock()?;
@@ -224,8 +225,7 @@ impl Store {
             .get(&reference)
             .cloned()
             .ok_or_else(|| StoreError::NotFound(reference.clone()))?;
-        let users: Vec<String> =
-            index.values().filter(|r| r.id == record.id).flat_map(&users_of).collect();
+        let users = users_of(&record);
         if !users.is_empty() {
             return Err(StoreError::InUse { reference, users: users.join(", ") });
         }
