@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
-use poseidon_image::{ImageRecord, PullError, RegistryConfig, Store, StoreError};
+use poseidon_image::{ImageRecord, Progress, PullError, RegistryConfig, Store, StoreError};
 use poseidon_sandbox::{Image, Runtime};
 
 /// When an environment's image is pulled (`local.imagepullpolicy`).
@@ -96,7 +96,10 @@ impl StoredImages {
 
     async fn pull(&self, name: &str) -> Result<Image, ImageUnavailable> {
         tracing::info!(image = name, "pulling image");
-        let progress = Arc::new(|event| tracing::debug!(?event, "pull progress"));
+        let progress = Arc::new(|event| match event {
+            Progress::Layer { done, total, .. } if done < total => {}
+            event => tracing::debug!(?event, "pull progress"),
+        });
         let record = poseidon_image::pull(&self.store, name, &self.registries, progress).await?;
         tracing::info!(image = %record.reference, id = %record.id, "image pulled");
         self.image_of(&record)
