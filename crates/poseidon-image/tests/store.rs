@@ -378,3 +378,29 @@ fn oversized_images_and_wrong_digests_leave_nothing_behind() {
     assert!(matches!(result, Err(ImportError::Store(StoreError::Digest { .. }))), "{result:?}");
     assert!(fixture.store.list().unwrap().is_empty());
 }
+
+#[test]
+fn concurrent_imports_of_one_image_unpack_it_once() {
+    let fixture = Fixture::new(1 << 30);
+    let layers =
+        vec![layer(&[Entry::File("big", &vec![7u8; 4 << 20]), Entry::File("small", b"s")])];
+    let dir = tempfile::tempdir().unwrap();
+    oci_layout(dir.path(), "example.org/test/concurrent:1", &layers);
+    let records: Vec<_> = std::thread::scope(|scope| {
+        let imports: Vec<_> = (0..4)
+            .map(|i| {
+                let (store, path) = (&fixture.store, dir.path());
+                scope.spawn(move || import(store, path, Some(&format!("example.org/test/c:{i}"))))
+            })
+            .collect();
+        imports.into_iter().map(|t| t.join().unwrap().unwrap()).collect()
+    });
+    assert!(records.iter().all(|r| r[0].id == records[0][0].id));
+    assert_eq!(fs::read_dir(fixture.store.root().join("rootfs")).unwrap().count(), 1);
+    assert_eq!(
+        fs::read_dir(fixture.store.root().join("tmp")).unwrap().count(),
+        0,
+        "no staging left"
+    );
+    assert_eq!(fixture.store.list().unwrap().len(), 4);
+}
