@@ -1,7 +1,6 @@
 //! Environments' images from the image store, pulled from their registry per the policy.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use poseidon_image::{ImageRecord, Progress, PullError, RegistryConfig, Store, StoreError};
@@ -20,19 +19,6 @@ pub enum PullPolicy {
     IfMissing,
     /// Never: images come from `poseidon image import` or `poseidon image pull`.
     Never,
-}
-
-impl FromStr for PullPolicy {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "always" => Ok(PullPolicy::Always),
-            "ifmissing" | "if-missing" | "ifnotpresent" => Ok(PullPolicy::IfMissing),
-            "never" => Ok(PullPolicy::Never),
-            other => Err(format!("unknown pull policy {other:?} (always, ifmissing, never)")),
-        }
-    }
 }
 
 /// Why an image cannot be had.

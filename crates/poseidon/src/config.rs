@@ -693,6 +693,12 @@ local:
         let config = Config::from_sources(Some(example), []).unwrap();
         assert_eq!(config.local.images.len(), 2);
         assert!(config.server.tls.active);
+        let registries = config.registries();
+        assert_eq!(registries.plain_http, ["127.0.0.1:5000"]);
+        assert_eq!(registries.credentials["registry.example.org:5000"].username, "poseidon");
+        assert_eq!(config.local.imagepullpolicy, poseidon_local::PullPolicy::IfMissing);
+        let never = Config::from_sources(None, env(&[("POSEIDON_LOCAL_IMAGEPULLPOLICY", "never")]));
+        assert_eq!(never.unwrap().local.imagepullpolicy, poseidon_local::PullPolicy::Never);
     }
 
     #[test]
