@@ -68,6 +68,7 @@ pub fn import(
     if images.is_empty() {
         return Err(ImportError::Empty);
     }
+    let _transfer = store.begin_transfer()?;
     let mut records = Vec::new();
     for image in images {
         let names = match tag {

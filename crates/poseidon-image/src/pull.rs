@@ -87,6 +87,7 @@ pub async fn pull(
     let whole = reference.whole();
     let registry_error = |source| PullError::Registry { reference: whole.clone(), source };
     install_crypto_provider();
+    let transfer = store.begin_transfer()?;
     let client = Client::new(ClientConfig {
         protocol: ClientProtocol::HttpsExcept(registries.plain_http.clone()),
         connect_timeout: Some(CONNECT_TIMEOUT),
@@ -130,10 +131,14 @@ pub async fn pull(
     progress(Progress::Unpacking);
     let store = store.clone();
     let references = vec![whole];
-    tokio::task::spawn_blocking(move || store.install(&references, &config_digest, &layers))
-        .await
-        .map_err(|_| PullError::Panicked)?
-        .map_err(PullError::Store)
+    tokio::task::spawn_blocking(move || {
+        let installed = store.install(&references, &config_digest, &layers);
+        drop(transfer);
+        installed
+    })
+    .await
+    .map_err(|_| PullError::Panicked)?
+    .map_err(PullError::Store)
 }
 
 enum DownloadError {

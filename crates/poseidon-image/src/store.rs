@@ -7,6 +7,7 @@
 //! <root>/images.json          reference → image record
 //! <root>/tmp/                 downloads and unpacks in progress; emptied when the store opens
 //! <root>/lock                 flock: one writer of the index and the root file systems at a time
+//! <root>/transfers.lock       flock: shared by imports and pulls, exclusive while collecting
 //! ```
 //!
 //! A root file system appears under `rootfs/` only complete (unpacked in `tmp/`, then renamed),
@@ -147,7 +148,9 @@ impl Store {
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).map_err(io_error(&dir))?;
         }
         let _lock = store.lock()?;
-        store.clean_tmp()?;
+        if let Some(_collecting) = store.try_collect()? {
+            store.clean_tmp()?;
+        }
         Ok(store)
     }
 
@@ -176,16 +179,38 @@ impl Store {
         self.rootfs_dir().join(hex_of(&record.id).unwrap_or("invalid"))
     }
 
+    /// Serialises changes of the index and of `rootfs/`.
     fn lock(&self) -> Result<Flock<File>, StoreError> {
-        let path = self.root().join("lock");
+        self.flock("lock", FlockArg::LockExclusive)
+    }
+
+    /// Held (shared) by every import and pull from its first download to its install, so that
+    /// garbage collection never deletes blobs or downloads in flight.
+    pub(crate) fn begin_transfer(&self) -> Result<Flock<File>, StoreError> {
+        self.flock("transfers.lock", FlockArg::LockShared)
+    }
+
+    /// Exclusive hold on `transfers.lock` when no transfer runs; `None` otherwise (then the
+    /// collection is left to a later removal or start).
+    fn try_collect(&self) -> Result<Option<Flock<File>>, StoreError> {
+        match self.flock("transfers.lock", FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(lock)),
+            Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::WouldBlock => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn flock(&self, name: &str, how: FlockArg) -> Result<Flock<File>, StoreError> {
+        let path = self.root().join(name);
         let file = File::options()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&path)
             .map_err(io_error(&path))?;
-        Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, errno)| StoreError::Io { path, source: errno.into() })
+        Flock::lock(file, how).map_err(|(_, errno)| StoreError::Io { path, source: errno.into() })
     }
 
     fn clean_tmp(&self) -> Result<(), StoreError> {
@@ -234,7 +259,9 @@ impl Store {
         if !index.values().any(|r| r.id == record.id) {
             self.remove_rootfs(&record)?;
         }
-        self.collect_blobs(&index)?;
+        if let Some(_collecting) = self.try_collect()? {
+            self.collect_blobs(&index)?;
+        }
         Ok(record)
     }
 
@@ -249,7 +276,7 @@ impl Store {
         }
     }
 
-    /// Deletes blobs no image refers to.
+    /// Deletes blobs no image refers to (no transfer runs: see [`Store::begin_transfer`]).
     fn collect_blobs(&self, index: &BTreeMap<String, ImageRecord>) -> Result<(), StoreError> {
         let referenced: std::collections::HashSet<&str> = index
             .values()
