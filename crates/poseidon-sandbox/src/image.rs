@@ -137,8 +137,19 @@ impl Image {
 }
 
 /// The uid and gid of `user` in a passwd file; the defaults when the file or entry is absent.
+/// An image's `/etc/passwd` that is a symlink or not a regular file (a FIFO would block the
+/// read) counts as absent.
 fn read_user_ids(passwd: &Path) -> Result<(u32, u32), ImageError> {
-    let text = match fs::File::open(passwd) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(passwd)
+        .and_then(|file| match file.metadata()?.is_file() {
+            true => Ok(file),
+            false => Err(io::ErrorKind::NotFound.into()),
+        });
+    let text = match opened {
         Ok(file) => {
             let mut text = String::new();
             file.take(MAX_PASSWD_BYTES)
@@ -146,7 +157,9 @@ fn read_user_ids(passwd: &Path) -> Result<(u32, u32), ImageError> {
                 .map_err(|source| ImageError::Read { path: passwd.to_owned(), source })?;
             text
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) => {
+            String::new()
+        }
         Err(source) => {
             return Err(ImageError::Read { path: passwd.to_owned(), source });
         }
@@ -299,6 +312,20 @@ mod tests {
         );
         assert_eq!(parse_user_ids("root:x:0:0::/:/bin/sh\n"), None);
         assert_eq!(parse_user_ids("user:x:oops:1:"), None);
+    }
+
+    #[test]
+    fn a_passwd_that_is_a_fifo_or_a_symlink_counts_as_absent() {
+        let root = tempfile::tempdir().unwrap();
+        let passwd = root.path().join("passwd");
+        nix::unistd::mkfifo(&passwd, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        assert_eq!(read_user_ids(&passwd).unwrap(), (DEFAULT_USER_ID, DEFAULT_USER_ID));
+        fs::remove_file(&passwd).unwrap();
+        let real = root.path().join("real");
+        fs::write(&real, "user:x:2000:2000::/:/bin/sh\n").unwrap();
+        symlink(&real, &passwd).unwrap();
+        assert_eq!(read_user_ids(&passwd).unwrap(), (DEFAULT_USER_ID, DEFAULT_USER_ID));
+        assert_eq!(read_user_ids(&real).unwrap(), (2000, 2000));
     }
 
     #[test]

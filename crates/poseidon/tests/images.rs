@@ -359,6 +359,13 @@ fn an_image_pulled_from_a_registry_runs_python_and_is_unpacked_once() {
         let removed = poseidon_image(server, &["rm", &image]);
         assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
         assert!(rootfs_dirs(server).is_empty(), "the root file system is collected");
+
+        let pulled = poseidon_image(server, &["pull", &image]);
+        let progress = String::from_utf8_lossy(&pulled.stderr);
+        assert!(pulled.status.success(), "{progress}");
+        assert!(progress.contains("2 layers") && progress.contains("layer 2/2"), "{progress}");
+        assert!(String::from_utf8_lossy(&pulled.stdout).contains(&format!("pulled {image}")));
+        assert_eq!(rootfs_dirs(server).len(), 1, "pulled from the command line");
     }));
 }
 
