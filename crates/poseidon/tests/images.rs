@@ -22,6 +22,10 @@ use sha2::{Digest, Sha256};
 const REGISTRY_BINARY: &str = "/usr/bin/docker-registry";
 const REGISTRY_READY: Duration = Duration::from_secs(10);
 const WORKING_DIR: &str = "/srv/app";
+const PASSWORD: &str = "s3cret";
+/// bcrypt of [`PASSWORD`] with the lowest cost (the registry accepts only bcrypt and checks it
+/// on every request).
+const PASSWORD_BCRYPT: &str = "$2b$04$k6mZuUbETPKWsdEQh2l/Eexs0spag/QSnedmZVPrd1X.7hMM3H8qO";
 
 /// Fails with the Debian package to install instead of a confusing error later.
 fn require(program: &str, package: &str) {
@@ -177,8 +181,7 @@ fn sha256(data: &[u8]) -> String {
 }
 
 /// Writes an OCI image layout (gzip layers, tag `latest`) with a WorkingDir and an Env.
-fn write_oci_layout(dir: &Path) {
-    let layers = [python_layer(), upper_layer()];
+fn write_oci_layout(dir: &Path, layers: &[Vec<u8>]) {
     let blobs = dir.join("blobs/sha256");
     fs::create_dir_all(&blobs).unwrap();
     let put = |data: &[u8], media_type: &str| {
@@ -223,16 +226,28 @@ struct Registry {
 
 impl Registry {
     fn start() -> Registry {
+        Registry::start_with("")
+    }
+
+    /// A registry that wants basic auth: user `poseidon`, password [`PASSWORD`].
+    fn start_with_auth() -> Registry {
+        Registry::start_with("auth:\n  htpasswd:\n    realm: e2e\n    path: {dir}/htpasswd\n")
+    }
+
+    /// `extra` is added to the configuration; `{dir}` in it is the registry's directory.
+    fn start_with(extra: &str) -> Registry {
         require(REGISTRY_BINARY, "docker-registry");
         let dir = tempfile::Builder::new().prefix("poseidon-registry-").tempdir().unwrap();
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let address = format!("127.0.0.1:{port}");
         let config = dir.path().join("config.yml");
+        fs::write(dir.path().join("htpasswd"), format!("poseidon:{PASSWORD_BCRYPT}\n")).unwrap();
         fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {address}\n",
-                dir.path().join("data").display()
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {address}\n{}",
+                dir.path().join("data").display(),
+                extra.replace("{dir}", &dir.path().display().to_string()),
             ),
         )
         .unwrap();
@@ -317,7 +332,7 @@ fn an_image_pulled_from_a_registry_runs_python_and_is_unpacked_once() {
     require("skopeo", "skopeo");
     let registry = Registry::start();
     let layout = tempfile::tempdir().unwrap();
-    write_oci_layout(layout.path());
+    write_oci_layout(layout.path(), &[python_layer(), upper_layer()]);
     let image = format!("{}/e2e/python:3.11", registry.address);
     let source = format!("oci:{}:latest", layout.path().display());
     skopeo(&["copy", "--dest-tls-verify=false", &source, &format!("docker://{image}")]);
@@ -375,7 +390,7 @@ fn docker_save_and_oci_archives_import_and_run() {
     let work = tempfile::tempdir().unwrap();
     let layout = work.path().join("layout");
     fs::create_dir(&layout).unwrap();
-    write_oci_layout(&layout);
+    write_oci_layout(&layout, &[python_layer(), upper_layer()]);
     let source = format!("oci:{}:latest", layout.display());
     let docker_archive = work.path().join("saved.tar");
     let docker_name = "openhpi/co_execenv_python:3.8";
@@ -422,4 +437,51 @@ fn docker_save_and_oci_archives_import_and_run() {
             .expect_empty(201, "PUT, OCI archive");
         assert_runs_python(server, 2).await;
     }));
+}
+
+#[test]
+fn pulls_authenticate_with_the_configured_credentials() {
+    require("skopeo", "skopeo");
+    let registry = Registry::start_with_auth();
+    let layout = tempfile::tempdir().unwrap();
+    // Credentials are what this test is about: one small layer is enough.
+    write_oci_layout(layout.path(), &[upper_layer()]);
+    let image = format!("{}/private/python:1", registry.address);
+    let source = format!("oci:{}:latest", layout.path().display());
+    let credentials = format!("--dest-creds=poseidon:{PASSWORD}");
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        &credentials,
+        &source,
+        &format!("docker://{image}"),
+    ]);
+
+    let home = tempfile::tempdir().unwrap();
+    let pull = |password: &str| {
+        let config = home.path().join("config.yaml");
+        let yaml = format!(
+            "statedir: {:?}\nlocal:\n  registries:\n    {:?}:\n      plainhttp: true\n      username: poseidon\n      password: {password:?}\n",
+            home.path().join("state"),
+            registry.address
+        );
+        fs::write(&config, yaml).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_poseidon"))
+            .args(["image", "pull", &image, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let refused = pull("wrong");
+    assert!(!refused.status.success(), "a wrong password must not pull");
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("cannot pull") && message.contains("private/python"), "{message}");
+    let pulled = pull(PASSWORD);
+    assert!(pulled.status.success(), "{}", String::from_utf8_lossy(&pulled.stderr));
+    let listed = Command::new(env!("CARGO_BIN_EXE_poseidon"))
+        .args(["image", "ls", "--config"])
+        .arg(home.path().join("config.yaml"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&image));
 }
