@@ -485,3 +485,29 @@ fn pulls_authenticate_with_the_configured_credentials() {
         .unwrap();
     assert!(String::from_utf8_lossy(&listed.stdout).contains(&image));
 }
+
+#[test]
+fn pull_policy_always_pulls_again_and_falls_back_to_the_stored_image() {
+    require("skopeo", "skopeo");
+    let mut registry = Registry::start();
+    let layout = tempfile::tempdir().unwrap();
+    write_oci_layout(layout.path(), &[upper_layer()]);
+    let image = format!("{}/e2e/always:1", registry.address);
+    let source = format!("oci:{}:latest", layout.path().display());
+    skopeo(&["copy", "--dest-tls-verify=false", &source, &format!("docker://{image}")]);
+    let options = ServerOptions {
+        env: vec![("POSEIDON_LOCAL_IMAGEPULLPOLICY", "always")],
+        local_yaml: format!("  registries:\n    {:?}:\n      plainhttp: true\n", registry.address),
+        ..ServerOptions::default()
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(with_server(options, async |server| {
+        server.put_env(1, &environment(1, &image, 0)).await.expect_empty(201, "PUT pulls");
+        let _ = registry.child.kill();
+        let _ = registry.child.wait();
+        server.put_env(2, &environment(2, &image, 0)).await.expect_empty(201, "PUT, registry gone");
+        let other = image.replace("always:1", "never-pushed:1");
+        let reply = server.put_env(3, &environment(3, &other, 0)).await.expect_message(500, "PUT");
+        assert!(reply["message"].as_str().unwrap().contains("cannot pull"), "{reply}");
+    }));
+}
