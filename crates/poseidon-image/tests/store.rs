@@ -82,6 +82,10 @@ fn config_json(layers: &[Vec<u8>], working_dir: &str) -> Vec<u8> {
 
 /// An OCI image layout directory with gzip layers; `name` goes into the ref.name annotation.
 fn oci_layout(dir: &Path, name: &str, layers: &[Vec<u8>]) {
+    oci_layout_with(dir, name, layers, gzip);
+}
+
+fn oci_layout_with(dir: &Path, name: &str, layers: &[Vec<u8>], compress: fn(&[u8]) -> Vec<u8>) {
     let blobs = dir.join("blobs/sha256");
     fs::create_dir_all(&blobs).unwrap();
     let put = |data: &[u8]| {
@@ -95,7 +99,7 @@ fn oci_layout(dir: &Path, name: &str, layers: &[Vec<u8>]) {
     let layer_descs: Vec<_> = layers
         .iter()
         .map(|l| {
-            let mut d = put(&gzip(l));
+            let mut d = put(&compress(l));
             d["mediaType"] = "application/vnd.oci.image.layer.v1.tar+gzip".into();
             d
         })
@@ -403,4 +407,30 @@ fn concurrent_imports_of_one_image_unpack_it_once() {
         "no staging left"
     );
     assert_eq!(fixture.store.list().unwrap().len(), 4);
+}
+
+#[test]
+fn zstd_and_uncompressed_layers_are_recognised_by_their_content() {
+    let fixture = Fixture::new(1 << 30);
+    let zstd = |data: &[u8]| {
+        ruzstd::encoding::compress_to_vec(data, ruzstd::encoding::CompressionLevel::Fastest)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    oci_layout_with(
+        dir.path(),
+        "example.org/test/zstd:1",
+        &[layer(&[Entry::File("z", b"zstd")])],
+        zstd,
+    );
+    let records = import(&fixture.store, dir.path(), None).unwrap();
+    assert_eq!(fs::read(fixture.store.rootfs(&records[0]).join("z")).unwrap(), b"zstd");
+    let dir = tempfile::tempdir().unwrap();
+    oci_layout_with(
+        dir.path(),
+        "example.org/test/plain:1",
+        &[layer(&[Entry::File("p", b"plain")])],
+        <[u8]>::to_vec,
+    );
+    let records = import(&fixture.store, dir.path(), None).unwrap();
+    assert_eq!(fs::read(fixture.store.rootfs(&records[0]).join("p")).unwrap(), b"plain");
 }
