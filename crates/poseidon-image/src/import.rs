@@ -38,6 +38,8 @@ pub enum ImportError {
     Json { what: String, source: serde_json::Error },
     #[error("the archive has more than {MAX_MEMBERS} members")]
     TooManyMembers,
+    #[error("the archive exceeds {limit} bytes (twice local.maximagesize)")]
+    TooLarge { limit: u64 },
     #[error("the archive holds no image")]
     Empty,
     #[error("image {0} has no name: give one with --tag")]
@@ -91,6 +93,27 @@ pub fn import(
         records.push(store.install(&names, &config, &layers)?);
     }
     Ok(records)
+}
+
+/// Imports an archive read from a stream (`docker save IMAGE | poseidon image import -`). It is
+/// spooled into the store's `tmp/` first, as archives are read by offset; at most twice
+/// `max_image_bytes` (a `docker save` archive holds uncompressed layers).
+pub fn import_stream(
+    store: &Store,
+    stream: impl Read,
+    tag: Option<&str>,
+) -> Result<Vec<ImageRecord>, ImportError> {
+    let _transfer = store.begin_transfer()?;
+    let tmp = store.tmp_dir();
+    let read_error = |source| ImportError::Read { path: tmp.clone(), source };
+    let mut spool = tempfile::NamedTempFile::new_in(&tmp).map_err(read_error)?;
+    let limit = store.config().max_image_bytes.saturating_mul(2);
+    let copied = io::copy(&mut stream.take(limit.saturating_add(1)), spool.as_file_mut())
+        .map_err(read_error)?;
+    if copied > limit {
+        return Err(ImportError::TooLarge { limit });
+    }
+    import(store, spool.path(), tag)
 }
 
 /// One image found in an archive: member names and, where the format states them, digests.

@@ -13,7 +13,7 @@ mod reference;
 mod store;
 mod unpack;
 
-pub use import::{ImportError, import};
+pub use import::{ImportError, import, import_stream};
 pub use pull::{Credentials, Progress, ProgressFn, PullError, RegistryConfig, pull};
 pub use reference::{ReferenceError, normalize};
 pub use store::{ImageRecord, RunConfig, Store, StoreConfig, StoreError};

@@ -35,7 +35,7 @@ pub enum Command {
 pub enum ImageCommand {
     /// Import a `docker save` archive or an OCI image layout (directory or tar).
     Import {
-        /// The archive or layout directory.
+        /// The archive or layout directory; `-` reads an archive from stdin.
         file: PathBuf,
         /// Name the image(s) so instead of with the names the archive carries.
         #[arg(long, value_name = "REF")]

@@ -23,8 +23,12 @@ pub fn run(config_file: Option<&Path>, command: ImageCommand) -> anyhow::Result<
     let store = Store::open(local.store_config()).context("cannot open the image store")?;
     match command {
         ImageCommand::Import { file, tag } => {
-            let records = poseidon_image::import(&store, &file, tag.as_deref())
-                .with_context(|| format!("cannot import {}", file.display()))?;
+            let records = if file.as_os_str() == "-" {
+                poseidon_image::import_stream(&store, std::io::stdin().lock(), tag.as_deref())
+            } else {
+                poseidon_image::import(&store, &file, tag.as_deref())
+            }
+            .with_context(|| format!("cannot import {}", file.display()))?;
             records.iter().for_each(|r| println!("imported {} ({})", r.reference, short_id(&r.id)));
             Ok(())
         }

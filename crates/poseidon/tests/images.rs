@@ -426,10 +426,13 @@ fn docker_save_and_oci_archives_import_and_run() {
             .expect_empty(201, "PUT after the import");
         assert_runs_python(server, 1).await;
 
-        let imported = poseidon_image(
-            server,
-            &["import", oci_archive.to_str().unwrap(), "--tag", "python:3.11"],
-        );
+        // From stdin, as in `docker save IMAGE | poseidon image import -`.
+        let imported = Command::new(env!("CARGO_BIN_EXE_poseidon"))
+            .args(["image", "import", "-", "--tag", "python:3.11", "--config"])
+            .arg(server.config_path())
+            .stdin(fs::File::open(&oci_archive).unwrap())
+            .output()
+            .unwrap();
         assert!(imported.status.success(), "{}", String::from_utf8_lossy(&imported.stderr));
         server
             .put_env(2, &environment(2, "python:3.11", 1))
