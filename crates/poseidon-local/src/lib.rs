@@ -9,11 +9,16 @@
 
 mod execution;
 mod files;
+mod images;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
+
+pub use images::PullPolicy;
+use images::StoredImages;
+use poseidon_image::{RegistryConfig, Store, StoreConfig};
 
 use async_trait::async_trait;
 use poseidon_core::backend::{
@@ -44,8 +49,15 @@ pub struct LocalConfig {
     pub uid_base: u32,
     /// Directory images: name → unpacked root filesystem.
     pub images: BTreeMap<String, PathBuf>,
-    /// Image used for names that are not known; `None` makes such environments fail.
+    /// Image used for names that are neither configured nor can be had from the image store
+    /// (or a registry); `None` makes such environments fail.
     pub default_image: Option<String>,
+    /// When an environment's image is pulled from its registry.
+    pub pull_policy: PullPolicy,
+    /// How registries are reached (plain HTTP, credentials).
+    pub registries: RegistryConfig,
+    /// Upper bound of one image's unpacked size (and of its downloaded layers).
+    pub max_image_bytes: u64,
     /// Memory limit for environments that ask for 0 MB.
     pub memory_limit_mb: u64,
     /// Lowest CPU quota in MHz: CodeOcean's default of 20 MHz is a soft share under Nomad,
@@ -70,6 +82,9 @@ impl Default for LocalConfig {
             uid_base: 100_000,
             images: BTreeMap::new(),
             default_image: None,
+            pull_policy: PullPolicy::IfMissing,
+            registries: RegistryConfig::default(),
+            max_image_bytes: 4 << 30,
             memory_limit_mb: 512,
             cpu_floor_mhz: 1000,
             pids_limit: 512,
@@ -93,6 +108,19 @@ pub enum LocalError {
     },
     #[error("the default image {0:?} is not configured")]
     UnknownDefaultImage(String),
+    #[error(transparent)]
+    Store(#[from] poseidon_image::StoreError),
+}
+
+impl LocalConfig {
+    /// The image store of this backend (`<state_dir>/store`), also for the `image` commands.
+    pub fn store_config(&self) -> StoreConfig {
+        StoreConfig {
+            root: self.state_dir.join("store"),
+            uid_base: self.uid_base,
+            max_image_bytes: self.max_image_bytes,
+        }
+    }
 }
 
 /// Creates runners as local sandboxes.
@@ -100,6 +128,7 @@ pub enum LocalError {
 pub struct LocalBackend {
     runtime: Runtime,
     images: Arc<BTreeMap<String, Image>>,
+    stored: StoredImages,
     config: Arc<LocalConfig>,
 }
 
@@ -146,21 +175,52 @@ impl LocalBackend {
         {
             return Err(LocalError::UnknownDefaultImage(default.clone()));
         }
-        Ok(Self { runtime, images: Arc::new(images), config: Arc::new(config) })
+        let store = Store::open(config.store_config())?;
+        let stored = StoredImages::new(store, runtime.clone(), config.registries.clone());
+        Ok(Self { runtime, images: Arc::new(images), stored, config: Arc::new(config) })
     }
 
+    /// The image of an environment whose image was prepared (no pull here).
     fn image(&self, name: &str) -> Result<Image, BackendError> {
-        self.images
-            .get(name)
-            .or_else(|| self.config.default_image.as_ref().and_then(|d| self.images.get(d)))
-            .cloned()
-            .ok_or_else(|| {
-                let known: Vec<&str> = self.images.keys().map(String::as_str).collect();
-                BackendError::InvalidEnvironment(format!(
-                    "image {name:?} is not available on this host (known images: {})",
-                    known.join(", ")
-                ))
-            })
+        if let Some(image) = self.images.get(name) {
+            return Ok(image.clone());
+        }
+        match self.stored.get(name) {
+            Ok(Some(image)) => Ok(image),
+            Ok(None) => self.default_image().ok_or_else(|| self.unavailable(name, None)),
+            Err(error) => self.default_image().ok_or_else(|| self.unavailable(name, Some(error))),
+        }
+    }
+
+    /// Finds an environment's image: configured, in the store, or pulled per the policy.
+    async fn prepare_image(&self, name: &str) -> Result<Image, BackendError> {
+        if let Some(image) = self.images.get(name) {
+            return Ok(image.clone());
+        }
+        match self.stored.prepare(name, self.config.pull_policy).await {
+            Ok(image) => Ok(image),
+            Err(error) => match self.default_image() {
+                Some(image) => {
+                    tracing::warn!(image = name, %error, "using the default image instead");
+                    Ok(image)
+                }
+                None => Err(self.unavailable(name, Some(error))),
+            },
+        }
+    }
+
+    fn default_image(&self) -> Option<Image> {
+        self.config.default_image.as_ref().and_then(|d| self.images.get(d)).cloned()
+    }
+
+    fn unavailable(&self, name: &str, error: Option<images::ImageUnavailable>) -> BackendError {
+        let known: Vec<&str> = self.images.keys().map(String::as_str).collect();
+        let reason = error.map_or_else(String::new, |e| format!(": {e}"));
+        BackendError::InvalidEnvironment(format!(
+            "image {name:?} is not available on this host{reason} (configured images: {}; \
+             stored images: `poseidon image ls`)",
+            known.join(", ")
+        ))
     }
 
     fn limits(&self, environment: &EnvironmentConfig) -> Limits {
@@ -188,7 +248,7 @@ impl Backend for LocalBackend {
         &self,
         environment: &EnvironmentConfig,
     ) -> Result<(), BackendError> {
-        self.image(&environment.image)?;
+        self.prepare_image(&environment.image).await?;
         if environment.network_access && !self.runtime.network_enabled() {
             tracing::warn!(
                 environment = %environment.id,

@@ -3,7 +3,8 @@
 //! * `host`: built by [`build_host_image`] at every start. It holds a curated `/etc` and the
 //!   symlinks `bin`, `lib`, `lib64`, `sbin` into `usr`; the runner bind-mounts the host's
 //!   `/usr` read-only onto it. Nothing else of the host is visible.
-//! * directory images: an unpacked root filesystem, used as it is.
+//! * directory images: an unpacked root filesystem, used as it is; an OCI image's
+//!   `WorkingDir` and `Env` come along ([`Image::with_run_config`]).
 
 use std::fs;
 use std::io::{self, Read};
@@ -11,6 +12,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::process::WORKDIR;
 use crate::runtime::MAPPED_IDS;
 
 /// uid/gid of the unprivileged `user` when an image does not define one.
@@ -45,6 +47,10 @@ struct ImageInner {
     kind: ImageKind,
     user_uid: u32,
     user_gid: u32,
+    /// Where executions start and relative file paths point; [`WORKDIR`] when unset.
+    working_dir: Option<String>,
+    /// The image's environment, below the request's variables.
+    env: Vec<(String, String)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,7 +81,43 @@ impl Image {
     }
 
     fn new(root: PathBuf, kind: ImageKind, user_uid: u32, user_gid: u32) -> Image {
-        Image { inner: Arc::new(ImageInner { root, kind, user_uid, user_gid }) }
+        let inner =
+            ImageInner { root, kind, user_uid, user_gid, working_dir: None, env: Vec::new() };
+        Image { inner: Arc::new(inner) }
+    }
+
+    /// The same image with an OCI image's `WorkingDir` (absolute, else ignored) and `Env`
+    /// (`KEY=value`; entries without `=` are ignored, like Docker does).
+    pub fn with_run_config(self, working_dir: Option<&str>, env: &[String]) -> Image {
+        let inner = &self.inner;
+        let env = env
+            .iter()
+            .filter_map(|entry| entry.split_once('='))
+            .filter(|(key, value)| !(key.is_empty() || key.contains('\0') || value.contains('\0')))
+            .map(|(key, value)| (key.to_owned(), value.to_owned()))
+            .collect();
+        let working_dir = working_dir
+            .filter(|dir| dir.starts_with('/') && !dir.contains('\0'))
+            .map(str::to_owned);
+        let inner = ImageInner {
+            root: inner.root.clone(),
+            kind: inner.kind,
+            user_uid: inner.user_uid,
+            user_gid: inner.user_gid,
+            working_dir,
+            env,
+        };
+        Image { inner: Arc::new(inner) }
+    }
+
+    /// Where executions start: the image's `WorkingDir`, else [`WORKDIR`].
+    pub fn working_dir(&self) -> &str {
+        self.inner.working_dir.as_deref().unwrap_or(WORKDIR)
+    }
+
+    /// The image's environment variables (`Env`).
+    pub fn env(&self) -> &[(String, String)] {
+        &self.inner.env
     }
 
     /// The directory used as the overlay's lower layer.
@@ -95,8 +137,19 @@ impl Image {
 }
 
 /// The uid and gid of `user` in a passwd file; the defaults when the file or entry is absent.
+/// An image's `/etc/passwd` that is a symlink or not a regular file (a FIFO would block the
+/// read) counts as absent.
 fn read_user_ids(passwd: &Path) -> Result<(u32, u32), ImageError> {
-    let text = match fs::File::open(passwd) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(passwd)
+        .and_then(|file| match file.metadata()?.is_file() {
+            true => Ok(file),
+            false => Err(io::ErrorKind::NotFound.into()),
+        });
+    let text = match opened {
         Ok(file) => {
             let mut text = String::new();
             file.take(MAX_PASSWD_BYTES)
@@ -104,7 +157,9 @@ fn read_user_ids(passwd: &Path) -> Result<(u32, u32), ImageError> {
                 .map_err(|source| ImageError::Read { path: passwd.to_owned(), source })?;
             text
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) => {
+            String::new()
+        }
         Err(source) => {
             return Err(ImageError::Read { path: passwd.to_owned(), source });
         }
@@ -257,6 +312,34 @@ mod tests {
         );
         assert_eq!(parse_user_ids("root:x:0:0::/:/bin/sh\n"), None);
         assert_eq!(parse_user_ids("user:x:oops:1:"), None);
+    }
+
+    #[test]
+    fn a_passwd_that_is_a_fifo_or_a_symlink_counts_as_absent() {
+        let root = tempfile::tempdir().unwrap();
+        let passwd = root.path().join("passwd");
+        nix::unistd::mkfifo(&passwd, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        assert_eq!(read_user_ids(&passwd).unwrap(), (DEFAULT_USER_ID, DEFAULT_USER_ID));
+        fs::remove_file(&passwd).unwrap();
+        let real = root.path().join("real");
+        fs::write(&real, "user:x:2000:2000::/:/bin/sh\n").unwrap();
+        symlink(&real, &passwd).unwrap();
+        assert_eq!(read_user_ids(&passwd).unwrap(), (DEFAULT_USER_ID, DEFAULT_USER_ID));
+        assert_eq!(read_user_ids(&real).unwrap(), (2000, 2000));
+    }
+
+    #[test]
+    fn run_config_sets_the_working_directory_and_environment() {
+        let image = Image::host(PathBuf::from("/nonexistent"));
+        assert_eq!(image.working_dir(), WORKDIR);
+        let env = ["PATH=/opt/bin".to_owned(), "NOVALUE".to_owned(), "A=b=c".to_owned()];
+        let image = image.with_run_config(Some("/srv/app"), &env);
+        assert_eq!(image.working_dir(), "/srv/app");
+        assert_eq!(
+            image.env(),
+            [("PATH".to_owned(), "/opt/bin".to_owned()), ("A".to_owned(), "b=c".to_owned())]
+        );
+        assert_eq!(image.with_run_config(Some("relative"), &[]).working_dir(), WORKDIR);
     }
 
     #[test]

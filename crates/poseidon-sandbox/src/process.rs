@@ -43,7 +43,7 @@ pub struct ProcessSpec {
     pub tty: bool,
     /// With `tty`: stderr on its own pipe instead of the PTY.
     pub separate_stderr: bool,
-    /// Default [`WORKDIR`].
+    /// Default: the image's working directory ([`WORKDIR`] unless the image sets one).
     pub cwd: Option<String>,
 }
 
@@ -86,7 +86,7 @@ pub(crate) fn request(
     limits: &Limits,
 ) -> Result<ExecRequest, Error> {
     let (uid, gid) = if spec.privileged { (0, 0) } else { image.user_ids() };
-    let cwd = spec.cwd.clone().unwrap_or_else(|| WORKDIR.to_owned());
+    let cwd = spec.cwd.clone().unwrap_or_else(|| image.working_dir().to_owned());
     if !cwd.starts_with('/') {
         return Err(Error::InvalidSpec(format!("cwd {cwd:?} is not absolute")));
     }
@@ -100,6 +100,10 @@ pub(crate) fn request(
     ];
     if spec.tty {
         env.push(("TERM".into(), "xterm".into()));
+    }
+    for (key, value) in image.env() {
+        env.retain(|(k, _)| k != key);
+        env.push((key.clone(), value.clone()));
     }
     for (key, value) in &spec.env {
         validate_env(key, value)?;

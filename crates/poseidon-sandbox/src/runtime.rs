@@ -626,7 +626,7 @@ impl Sandbox {
                 user_uid: base + uid,
                 user_gid: base + gid,
             },
-            process::WORKDIR,
+            self.image.working_dir(),
         ))
     }
 

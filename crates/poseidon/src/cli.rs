@@ -19,13 +19,34 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
-#[derive(Debug, Clone, Copy, Default, Subcommand)]
+#[derive(Debug, Clone, Default, Subcommand)]
 pub enum Command {
     /// Serve the API (what `poseidon` alone does).
     #[default]
     Serve,
     /// Print the version.
     Version,
+    /// Manage the local backend's image store (see docs/images.md).
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ImageCommand {
+    /// Import a `docker save` archive or an OCI image layout (directory or tar).
+    Import {
+        /// The archive or layout directory; `-` reads an archive from stdin.
+        file: PathBuf,
+        /// Name the image(s) so instead of with the names the archive carries.
+        #[arg(long, value_name = "REF")]
+        tag: Option<String>,
+    },
+    /// Pull an image from its registry (`python:3.12` means `docker.io/library/python:3.12`).
+    Pull { reference: String },
+    /// List the stored images and the environments that use them.
+    Ls,
+    /// Remove an image; refused while an execution environment uses it.
+    Rm { reference: String },
 }
 
 /// Go Poseidon's flag is `-config`; systemd units written for it keep working.
@@ -57,6 +78,12 @@ mod tests {
         assert!(matches!(cli.command, Some(Command::Serve)));
         assert_eq!(cli.config, Some(PathBuf::from("/etc/q.yaml")));
         assert!(matches!(parse(&["poseidon", "version"]).command, Some(Command::Version)));
+        let cli = parse(&["poseidon", "image", "import", "a.tar", "--tag", "x:1", "-config", "c"]);
+        assert!(matches!(
+            cli.command,
+            Some(Command::Image(ImageCommand::Import { tag: Some(_), .. }))
+        ));
+        assert_eq!(cli.config, Some(PathBuf::from("c")));
     }
 
     #[test]

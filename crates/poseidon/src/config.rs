@@ -208,6 +208,34 @@ pub struct LocalSection {
     pub nofilelimit: u64,
     /// Network access for environments with `networkAccess` (`docs/configuration.md`).
     pub network: NetworkSection,
+    /// When an environment's image is pulled: `always`, `ifmissing` or `never`.
+    pub imagepullpolicy: poseidon_local::PullPolicy,
+    /// MB: the largest unpacked image (and its downloaded layers) the image store accepts.
+    #[serde(deserialize_with = "lenient")]
+    pub maximagesize: u64,
+    /// Registries by host (`docker.io`, `registry.example.org:5000`): plain HTTP, credentials.
+    pub registries: BTreeMap<String, RegistrySection>,
+}
+
+/// One entry of `local.registries`.
+#[derive(Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct RegistrySection {
+    /// Speak plain HTTP to this registry (a registry on this host or a trusted network only).
+    #[serde(deserialize_with = "go_bool")]
+    pub plainhttp: bool,
+    /// Basic credentials; with a token-auth registry, used to get the token.
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for RegistrySection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistrySection")
+            .field("plainhttp", &self.plainhttp)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The `local.network.*` keys.
@@ -261,6 +289,9 @@ impl Default for LocalSection {
             disklimit: 512,
             nofilelimit: 4096,
             network: NetworkSection::default(),
+            imagepullpolicy: poseidon_local::PullPolicy::IfMissing,
+            maximagesize: 4096,
+            registries: BTreeMap::new(),
         }
     }
 }
@@ -382,9 +413,17 @@ impl Config {
         if local.cgroupname.is_empty() || local.cgroupname.contains('/') {
             return reject("local.cgroupname must be a non-empty name without '/'");
         }
-        if [local.memorylimit, local.pidslimit, local.disklimit, local.nofilelimit].contains(&0) {
+        if [
+            local.memorylimit,
+            local.pidslimit,
+            local.disklimit,
+            local.nofilelimit,
+            local.maximagesize,
+        ]
+        .contains(&0)
+        {
             return reject(
-                "local.memorylimit, pidslimit, disklimit and nofilelimit must be positive",
+                "local.memorylimit, pidslimit, disklimit, nofilelimit and maximagesize must be positive",
             );
         }
         if self.limits.maxbodybytes == 0 || self.limits.maxuploadbytes == 0 {
@@ -398,6 +437,29 @@ impl Config {
         match self.server.address.as_str() {
             "" => "0.0.0.0",
             address => address,
+        }
+    }
+
+    /// `local.registries` as the image puller takes them.
+    pub fn registries(&self) -> poseidon_image::RegistryConfig {
+        let registries = &self.local.registries;
+        poseidon_image::RegistryConfig {
+            plain_http: registries
+                .iter()
+                .filter(|(_, r)| r.plainhttp)
+                .map(|(n, _)| n.clone())
+                .collect(),
+            credentials: registries
+                .iter()
+                .filter(|(_, r)| !r.username.is_empty())
+                .map(|(name, r)| {
+                    let credentials = poseidon_image::Credentials {
+                        username: r.username.clone(),
+                        password: r.password.clone(),
+                    };
+                    (name.clone(), credentials)
+                })
+                .collect(),
         }
     }
 
@@ -631,6 +693,12 @@ local:
         let config = Config::from_sources(Some(example), []).unwrap();
         assert_eq!(config.local.images.len(), 2);
         assert!(config.server.tls.active);
+        let registries = config.registries();
+        assert_eq!(registries.plain_http, ["127.0.0.1:5000"]);
+        assert_eq!(registries.credentials["registry.example.org:5000"].username, "poseidon");
+        assert_eq!(config.local.imagepullpolicy, poseidon_local::PullPolicy::IfMissing);
+        let never = Config::from_sources(None, env(&[("POSEIDON_LOCAL_IMAGEPULLPOLICY", "never")]));
+        assert_eq!(never.unwrap().local.imagepullpolicy, poseidon_local::PullPolicy::Never);
     }
 
     #[test]

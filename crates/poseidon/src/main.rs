@@ -7,11 +7,13 @@
 //!
 //! * `cli`: the command line (`poseidon [serve] [--config FILE]`, `poseidon version`);
 //! * `config`: the YAML file and `POSEIDON_*` variables;
-//! * `service`: wiring the backend, the core and the API, start-up and shutdown.
+//! * `service`: wiring the backend, the core and the API, start-up and shutdown;
+//! * `images`: `poseidon image import|pull|ls|rm`.
 #![forbid(unsafe_code)]
 
 mod cli;
 mod config;
+mod images;
 mod service;
 
 use std::ffi::OsStr;
@@ -33,12 +35,17 @@ fn main() -> ExitCode {
             println!("{}", service::version());
             ExitCode::SUCCESS
         }
-        cli::Command::Serve => match service::run(cli.config.as_deref()) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("poseidon: {error:#}");
-                ExitCode::FAILURE
-            }
-        },
+        cli::Command::Serve => report(service::run(cli.config.as_deref())),
+        cli::Command::Image(command) => report(images::run(cli.config.as_deref(), command)),
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("poseidon: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -106,7 +106,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     served.context("serving the API failed")
 }
 
-fn local_config(config: &Config) -> anyhow::Result<LocalConfig> {
+pub(crate) fn local_config(config: &Config) -> anyhow::Result<LocalConfig> {
     let local = &config.local;
     Ok(LocalConfig {
         state_dir: config.statedir.join("local"),
@@ -122,6 +122,9 @@ fn local_config(config: &Config) -> anyhow::Result<LocalConfig> {
         disk_limit_mb: local.disklimit,
         nofile_limit: local.nofilelimit,
         network: network_config(&local.network)?,
+        pull_policy: local.imagepullpolicy,
+        registries: config.registries(),
+        max_image_bytes: local.maximagesize.saturating_mul(1 << 20),
     })
 }
 

@@ -95,6 +95,9 @@ pub struct ServerOptions {
     pub stored_execution_ttl: Option<u64>,
     /// Extra `POSEIDON_*` variables for the server process (settings the YAML does not set).
     pub env: Vec<(&'static str, &'static str)>,
+    /// Extra YAML lines of the `local` section (maps that variables cannot express), each
+    /// indented by two spaces.
+    pub local_yaml: String,
 }
 
 impl ServerOptions {
@@ -148,13 +151,14 @@ logger:
 statedir: {state}
 local:
   cgroupname: {cgroup}
-limits:
+{local}limits:
   shutdowngrace: {SHUTDOWN_GRACE_SECS}
 {ttl}",
             token = json!(options.token.as_deref().unwrap_or("")),
             threshold = options.pool_threshold.unwrap_or(0.0),
             state = json!(self.dir.path().join("state")),
             cgroup = json!(self.cgroup_name),
+            local = options.local_yaml,
             ttl = options
                 .stored_execution_ttl
                 .map_or_else(String::new, |ttl| format!("  storedexecutionttl: {ttl}\n")),
@@ -242,6 +246,11 @@ impl TestServer {
         assert_no_processes_left(&home.cgroup_name).await;
         assert_no_cgroups_left(&home.cgroup_name);
         home
+    }
+
+    /// The server's configuration file, for `poseidon image … --config` on the same state.
+    pub fn config_path(&self) -> PathBuf {
+        self.home.as_ref().expect("the server has a home").config_path()
     }
 
     /// The server's resident memory in KiB, to check that buffers stay bounded.
