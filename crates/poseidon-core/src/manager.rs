@@ -198,11 +198,13 @@ impl Core {
         let mut restored = Vec::new();
         for config in configs {
             let id = config.id;
-            if !from_backend {
-                if let Err(error) = self.shared.backend.prepare_environment(&config).await {
-                    tracing::error!(environment = %id, %error, "cannot restore execution environment");
-                    continue;
-                }
+            let prepared = match from_backend {
+                true => Ok(()),
+                false => self.shared.backend.prepare_environment(&config).await,
+            };
+            if let Err(error) = prepared {
+                tracing::error!(environment = %id, %error, "cannot restore execution environment");
+                continue;
             }
             let retired = self.shared.lock().apply_environment(config).1;
             self.shared.destroy_in_background(retired);
