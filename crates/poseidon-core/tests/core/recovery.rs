@@ -19,8 +19,10 @@ fn runner(backend: &TestBackend) -> Arc<dyn Runner> {
     backend.new_runner(RunnerId::new(ENV), Vec::new())
 }
 
+type Start = oneshot::Sender<Result<Arc<dyn Runner>, BackendError>>;
+
 /// A starting runner that resolves when the returned sender is used.
-fn starting() -> (oneshot::Sender<Result<Arc<dyn Runner>, BackendError>>, StartingRunner) {
+fn starting() -> (Start, StartingRunner) {
     let (sender, receiver) = oneshot::channel();
     let future = receiver.map(|result| result.expect("the test keeps the sender")).boxed();
     (sender, future)
