@@ -12,6 +12,7 @@
 
 mod cli;
 mod config;
+mod nomad;
 mod service;
 
 use std::ffi::OsStr;
