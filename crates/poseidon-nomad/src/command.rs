@@ -5,7 +5,7 @@
 
 use poseidon_core::backend::ExecRequest;
 
-/// Seconds a stderr reader waits for its fifo before giving up.
+/// Ticks of 10 ms a stderr reader waits for its fifo before giving up.
 const FIFO_WAIT_TICKS: u32 = 1000;
 
 /// `value` as one single-quoted shell word.
@@ -20,12 +20,17 @@ fn user_command(request: &ExecRequest) -> String {
     format!("env -- {} /bin/bash -c {}", variables.join(" "), quote(&request.command))
 }
 
-/// Runs `command` as `user` unless privileged.
+/// Runs `command` as `user` unless privileged: through phusion's `/sbin/setuser` as Go does
+/// (CodeOcean's images have it), else through util-linux's `setpriv` (plain images).
 fn as_user(command: &str, privileged: bool) -> String {
-    match privileged {
-        true => command.to_owned(),
-        false => format!("/sbin/setuser user /bin/bash -c {}", quote(command)),
+    if privileged {
+        return command.to_owned();
     }
+    let command = quote(command);
+    format!(
+        "if [ -x /sbin/setuser ]; then exec /sbin/setuser user /bin/bash -c {command}; \
+         else exec setpriv --reuid=user --regid=user --clear-groups /bin/bash -c {command}; fi"
+    )
 }
 
 /// The outermost layer: Nomad's own variables are not the learner's business.
@@ -112,7 +117,8 @@ mod tests {
     fn exit_codes_propagate_and_unprivileged_commands_use_setuser() {
         assert_eq!(run(&single(&request("exit 3", &[], true))).1, 3);
         let argv = single(&request("id", &[], false));
-        assert!(argv[2].contains("/sbin/setuser user /bin/bash -c "));
+        assert!(argv[2].contains("exec /sbin/setuser user /bin/bash -c "));
+        assert!(argv[2].contains("exec setpriv --reuid=user --regid=user"));
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub(crate) fn update_script(update: &FileUpdate) -> String {
             .collect();
         script.push_str(&format!("rm --recursive --force -- {}; ", paths.join(" ")));
     }
-    script.push_str("tar --extract --absolute-names --verbose --file=/dev/stdin");
+    script.push_str("tar --extract --absolute-names --verbose --file=-");
     script
 }
 
@@ -222,7 +222,7 @@ mod tests {
         assert_eq!(
             update_script(&update),
             "rm --recursive --force -- ./* 'it'\\''s/$(id)' '-rf'; \
-             tar --extract --absolute-names --verbose --file=/dev/stdin"
+             tar --extract --absolute-names --verbose --file=-"
         );
     }
 
