@@ -32,11 +32,21 @@ pub(crate) fn list_script(path: &str, recursive: bool) -> String {
     format!("ls -l --time-style=+%s -1 --literal{recursive} -- {}", quote(path))
 }
 
-/// One `ls` line for the file itself (symlinks followed, directories not listed), then its
-/// bytes: the size comes before the body, as the download's `Content-Length` needs.
+/// Exit code of [`read_script`] for a path that exists but is no regular file.
+pub(crate) const NOT_A_FILE: u8 = 3;
+
+/// Opens the file first (so an unreadable file fails before anything is announced), then
+/// prints its size on one line and streams its bytes from the same open file: the size comes
+/// before the body, as the download's `Content-Length` needs. Files whose size the kernel
+/// reports as 0 (procfs) are counted.
 pub(crate) fn read_script(path: &str) -> String {
     let path = quote(path);
-    format!("ls -l -L -d --time-style=+%s -1 --literal -- {path} && exec cat -- {path}")
+    format!(
+        "exec 3< {path} || exit 1; [ -f {path} ] || exit {NOT_A_FILE}; \
+         size=$(stat -L -c %s -- {path}) || exit 1; \
+         if [ \"$size\" = 0 ]; then size=$(wc -c < {path}); fi; \
+         printf '%s\\n' \"$size\"; exec cat <&3"
+    )
 }
 
 /// A GNU tar archive of the copies: directories 01777, files 0744, owned by root, as Go
@@ -140,7 +150,7 @@ pub(crate) fn parse_listing(output: &str) -> Vec<FileEntry> {
 
 /// One `ls -l --time-style=+%s` line:
 /// `<type><9 permissions>[+] <links> <owner> <group> <size> <mtime> <name>[ -> <target>]`.
-pub(crate) fn parse_entry(line: &str) -> Option<FileEntry> {
+fn parse_entry(line: &str) -> Option<FileEntry> {
     let mut fields = Fields(line);
     let mode = fields.next()?;
     let mut characters = mode.chars();
@@ -197,6 +207,29 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+
+    #[test]
+    fn the_read_script_announces_the_size_and_refuses_what_it_cannot_stream() {
+        let directory = std::env::temp_dir().join(format!("poseidon-read-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).unwrap();
+        let file = directory.join("it's a file");
+        std::fs::write(&file, b"hello").unwrap();
+        let run = |path: &std::path::Path| {
+            let output = Command::new("bash")
+                .arg("-c")
+                .arg(read_script(&path.display().to_string()))
+                .output()
+                .unwrap();
+            (String::from_utf8_lossy(&output.stdout).into_owned(), output.status.code().unwrap())
+        };
+        assert_eq!(run(&file), ("5\nhello".to_owned(), 0));
+        assert_eq!(run(&directory), (String::new(), i32::from(NOT_A_FILE)));
+        assert_eq!(run(&directory.join("missing")).1, 1);
+        let (output, code) = run(std::path::Path::new("/proc/self/status"));
+        let (size, body) = output.split_once('\n').unwrap();
+        assert!(code == 0 && size.parse::<usize>().unwrap() > 0 && !body.is_empty());
+        std::fs::remove_dir_all(&directory).unwrap();
+    }
 
     #[test]
     fn paths_are_cleaned_like_go() {

@@ -28,7 +28,7 @@ const CHANNEL_CAPACITY: usize = 16;
 const STDERR_GRACE: Duration = Duration::from_secs(1);
 /// Bytes of output a file operation keeps (listings of huge trees are cut, not buffered).
 const MAX_COLLECTED: usize = 16 << 20;
-/// The first `ls` line of a download is short; a longer one is not an `ls` line.
+/// The size line of a download is short; a longer one is not a size line.
 const MAX_FIRST_LINE: usize = 8 << 10;
 /// Claim metadata is written with retries for about this long.
 const CLAIM_PATIENCE: Duration = Duration::from_secs(5 * 60);
@@ -126,8 +126,7 @@ impl NomadRunner {
         Ok(collected)
     }
 
-    /// Starts a download: reads the `ls` line for the size, then streams exactly that many
-    /// bytes.
+    /// Starts a download: reads the size line, then streams exactly that many bytes.
     async fn open_download(&self, path: &str, privileged: bool) -> Result<FileContent, FilesError> {
         let socket =
             self.connect(&command::internal(&files::read_script(path), privileged), false).await?;
@@ -153,7 +152,7 @@ impl NomadRunner {
                         break position;
                     }
                     if head.len() > MAX_FIRST_LINE {
-                        return Err(FilesError::NotAFile(format!("{path} is not a regular file")));
+                        return Err(BackendError::Internal(format!("no size of {path}")).into());
                     }
                 }
                 Some(Output::Stderr(_)) => {}
@@ -162,22 +161,22 @@ impl NomadRunner {
                         .await
                         .map_err(|error| BackendError::Internal(error.to_string()))??;
                     return Err(match exit.code() {
-                        0 => BackendError::Internal(format!("no listing of {path}")).into(),
+                        0 => BackendError::Internal(format!("no size of {path}")).into(),
+                        files::NOT_A_FILE => {
+                            FilesError::NotAFile(format!("{path} is not a regular file"))
+                        }
                         _ => FilesError::NotFound,
                     });
                 }
             }
         };
         let line = String::from_utf8_lossy(&head[..newline]).into_owned();
-        let entry = files::parse_entry(&line).ok_or_else(|| {
-            BackendError::Internal(format!("unexpected listing of {path}: {line}"))
-        })?;
-        if entry.entry_type != '-' {
-            stop.cancel();
-            return Err(FilesError::NotAFile(format!("{path} is not a regular file")));
-        }
+        let size = line
+            .trim()
+            .parse()
+            .map_err(|_| BackendError::Internal(format!("unexpected size of {path}: {line}")))?;
         let first = head.split_off(newline + 1).freeze();
-        Ok(FileContent { size: entry.size, body: body_stream(first, receiver, entry.size, stop) })
+        Ok(FileContent { size, body: body_stream(first, receiver, size, stop) })
     }
 }
 
