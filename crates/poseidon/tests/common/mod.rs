@@ -294,6 +294,18 @@ impl TestServer {
         home
     }
 
+    /// The Nomad simulator behind a server of the Nomad backend.
+    pub fn nomad_sim(&self) -> Option<&nomad_sim::SimHandle> {
+        self.home.as_ref()?.nomad.as_ref().map(|nomad| &nomad.sim)
+    }
+
+    /// Runner jobs of environment `env` in the Nomad simulator.
+    pub fn nomad_runner_jobs(&self, env: u32) -> Vec<String> {
+        let sim = self.nomad_sim().expect("a server of the Nomad backend");
+        let prefix = format!("{env}-");
+        sim.jobs().into_iter().map(|job| job.id).filter(|id| id.starts_with(&prefix)).collect()
+    }
+
     /// The server's resident memory in KiB, to check that buffers stay bounded.
     pub fn resident_kib(&self) -> u64 {
         let pid = self.child.as_ref().expect("the server is running").id();
