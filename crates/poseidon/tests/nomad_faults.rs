@@ -36,6 +36,9 @@ async fn execution_under_fault(
     (runner, transcript.terminal, transcript.elapsed)
 }
 
+/// A fault applied to an allocation of the simulator.
+type Fault = fn(&nomad_sim::SimHandle, &str);
+
 fn skipped() -> bool {
     if !nomad_backend() {
         eprintln!("skipped: only for the Nomad backend (POSEIDON_E2E_BACKEND=nomad)");
@@ -69,7 +72,7 @@ async fn restarted_rescheduled_and_stopped_allocations_end_their_executions() {
     }
     with_server(ServerOptions::default(), async |server| {
         server.create_env(1, 1).await;
-        let cases: [(&str, fn(&nomad_sim::SimHandle, &str), &str); 3] = [
+        let cases: [(&str, Fault, &str); 3] = [
             (
                 "restart",
                 |sim, a| sim.restart_allocation(a, false).unwrap(),
