@@ -249,3 +249,57 @@ async fn a_restart_recovers_idle_used_and_starting_runners_without_over_provisio
     eventually("its job is deregistered", || runner_jobs(&sim).len() == 3).await;
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_json_template_file_is_used_and_hcl_goes_through_nomads_parser() {
+    let sim = simulator(None).await;
+    let directory = std::env::temp_dir().join(format!("poseidon-template-{}", std::process::id()));
+    std::fs::create_dir_all(&directory).unwrap();
+    let json = directory.join("job.json");
+    let mut template = serde_json::json!({"Job": {
+        "ID": "template-0", "Type": "batch", "Datacenters": ["dc-custom"],
+        "TaskGroups": [
+            {"Name": "default-group", "Count": 1,
+             "Tasks": [{"Name": "default-task", "Driver": "docker",
+                        "Config": {"image": "x", "command": "sleep", "args": ["infinity"]},
+                        "Resources": {"CPU": 40, "MemoryMB": 50}}]},
+            {"Name": "config", "Count": 0,
+             "Tasks": [{"Name": "config", "Driver": "exec", "Config": {"command": "true"},
+                        "Resources": {"CPU": 1, "MemoryMB": 10}}],
+             "Meta": {"used": "false"}}]}});
+    std::fs::write(&json, template.to_string()).unwrap();
+    let backend = NomadBackend::start(NomadConfig {
+        template: poseidon_nomad::TemplateSource::File(json.clone()),
+        ..config(&sim)
+    })
+    .await
+    .expect("a JSON template");
+    let core = Core::new(Arc::new(backend), CoreConfig::default());
+    core.put_environment(environment(1)).await.unwrap();
+    eventually("the pool is full", || idle(&core) == 1).await;
+    let registered = sim.jobs().into_iter().find(|job| job.id == "template-7").unwrap();
+    assert_eq!(registered.job["Datacenters"], serde_json::json!(["dc-custom"]));
+
+    let hcl = directory.join("job.hcl");
+    std::fs::write(&hcl, "job \"template-0\" {\n  this is no job\n}\n").unwrap();
+    let error = NomadBackend::start(NomadConfig {
+        template: poseidon_nomad::TemplateSource::File(hcl),
+        ..config(&sim)
+    })
+    .await
+    .unwrap_err();
+    assert!(error.to_string().contains("cannot parse the template job file"), "{error}");
+    assert!(sim.requests().iter().any(|request| request.path.starts_with("/v1/jobs/parse")));
+
+    template["Job"]["TaskGroups"].as_array_mut().unwrap().pop();
+    std::fs::write(&json, template.to_string()).unwrap();
+    let error = NomadBackend::start(NomadConfig {
+        template: poseidon_nomad::TemplateSource::File(json),
+        ..config(&sim)
+    })
+    .await
+    .unwrap_err();
+    assert!(error.to_string().contains("no group config"), "{error}");
+    std::fs::remove_dir_all(&directory).unwrap();
+    sim.shutdown().await;
+}
