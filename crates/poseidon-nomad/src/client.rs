@@ -116,7 +116,13 @@ impl NomadClient {
         let mut job = job.clone();
         job["Namespace"] = Value::String(self.namespace.clone());
         let body = serde_json::json!({ "Job": job });
-        self.request(Method::PUT, "v1/jobs", &[], Some(&body)).await.map(drop)
+        let answer: Value = decode(&self.request(Method::PUT, "v1/jobs", &[], Some(&body)).await?)?;
+        if let Some(warnings) =
+            answer.get("Warnings").and_then(Value::as_str).filter(|w| !w.is_empty())
+        {
+            tracing::warn!(job = %job["ID"], warnings, "Nomad warns about a job");
+        }
+        Ok(())
     }
 
     /// `GET /v1/job/:id`; `None` when the job does not exist.
