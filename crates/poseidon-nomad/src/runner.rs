@@ -262,8 +262,10 @@ impl Runner for NomadRunner {
         };
         if request.tty && request.separate_stderr {
             let (main_argv, reader_argv) = command::split_stderr(&request, &fifo_path());
-            let (main_socket, reader_socket) =
-                tokio::try_join!(self.connect(&main_argv, true), self.connect(&reader_argv, true))?;
+            // The reader first: a main command without its reader would block on the fifo
+            // forever, while a reader without its command gives up by itself.
+            let reader_socket = self.connect(&reader_argv, true).await?;
+            let main_socket = self.connect(&main_argv, true).await?;
             let reader = Session {
                 socket: reader_socket,
                 stdin: None,
