@@ -247,6 +247,12 @@ async fn a_restart_recovers_idle_used_and_starting_runners_without_over_provisio
 
     eventually("the recovered inactivity timer fires", || !second.has_runner(&claimed.id)).await;
     eventually("its job is deregistered", || runner_jobs(&sim).len() == 3).await;
+
+    // Runner jobs copied from the recovered template job register as well.
+    sim.set_pending_delay(Duration::from_millis(10));
+    second.claim(ENV, Duration::ZERO).await.unwrap();
+    eventually("the pool refills from the recovered template", || idle(&second) == 2).await;
+    assert_eq!(runner_jobs(&sim).len(), 4);
     sim.shutdown().await;
 }
 
