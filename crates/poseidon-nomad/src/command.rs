@@ -28,8 +28,8 @@ fn as_user(command: &str, privileged: bool) -> String {
     }
     let command = quote(command);
     format!(
-        "if [ -x /sbin/setuser ]; then exec /sbin/setuser user /bin/bash -c {command}; \
-         else exec setpriv --reuid=user --regid=user --clear-groups /bin/bash -c {command}; fi"
+        "if [ -x /sbin/setuser ]; then /sbin/setuser user /bin/bash -c {command}; \
+         else setpriv --reuid=user --regid=user --clear-groups /bin/bash -c {command}; fi"
     )
 }
 
@@ -38,9 +38,26 @@ fn argv(command: &str) -> Vec<String> {
     vec!["/bin/bash".into(), "-c".into(), format!("unset ${{!NOMAD_@}}; {command}")]
 }
 
+/// The outermost layer of an execution: its process id is kept in `pid_file` while it runs, so
+/// that a stop can kill its process group from a second exec. Nomad has no way to kill an exec
+/// session's processes, and a `^\` on the terminal cannot pass a full input queue.
+fn tracked_argv(command: &str, pid_file: &str) -> Vec<String> {
+    let pid_file = quote(pid_file);
+    argv(&format!("echo $$ > {pid_file}; {command}; ec=$?; rm -f {pid_file}; exit $ec"))
+}
+
+/// Kills the process group (and the process) recorded in `pid_file`, as root.
+pub(crate) fn kill(pid_file: &str) -> Vec<String> {
+    let pid_file = quote(pid_file);
+    argv(&format!(
+        "if [ -f {pid_file} ]; then pid=$(cat {pid_file}); kill -KILL -- -\"$pid\" \"$pid\" \
+         2>/dev/null; rm -f {pid_file}; fi; true"
+    ))
+}
+
 /// One exec running the request (stderr merged into the terminal when `tty` is set).
-pub(crate) fn single(request: &ExecRequest) -> Vec<String> {
-    argv(&as_user(&user_command(request), request.privileged))
+pub(crate) fn single(request: &ExecRequest, pid_file: &str) -> Vec<String> {
+    tracked_argv(&as_user(&user_command(request), request.privileged), pid_file)
 }
 
 /// The two execs of an interactive execution with stderr kept apart (spec §4.3): the main exec
@@ -48,7 +65,11 @@ pub(crate) fn single(request: &ExecRequest) -> Vec<String> {
 /// its own output. Improvements over Go: the main side creates the fifo, so it never waits for
 /// a reader that failed to start beyond what the service bounds, falls back to a merged stderr
 /// when the fifo cannot be made, and removes the fifo itself; the reader gives up after 10 s.
-pub(crate) fn split_stderr(request: &ExecRequest, fifo: &str) -> (Vec<String>, Vec<String>) {
+pub(crate) fn split_stderr(
+    request: &ExecRequest,
+    fifo: &str,
+    pid_file: &str,
+) -> (Vec<String>, Vec<String>) {
     let fifo = quote(fifo);
     let user = user_command(request);
     let main = format!(
@@ -59,7 +80,10 @@ pub(crate) fn split_stderr(request: &ExecRequest, fifo: &str) -> (Vec<String>, V
         "for _ in $(seq {FIFO_WAIT_TICKS}); do if [ -p {fifo} ]; then exec cat {fifo}; fi; \
          sleep 0.01; done"
     );
-    (argv(&as_user(&main, request.privileged)), argv(&as_user(&reader, request.privileged)))
+    (
+        tracked_argv(&as_user(&main, request.privileged), pid_file),
+        argv(&as_user(&reader, request.privileged)),
+    )
 }
 
 /// An internal command (file operations): `command` is already a shell script.
@@ -83,17 +107,28 @@ mod tests {
         }
     }
 
+    fn pid_file(name: &str) -> String {
+        std::env::temp_dir()
+            .join(format!("poseidon-{name}-{}.pid", std::process::id()))
+            .display()
+            .to_string()
+    }
+
     /// Runs an argv built for the privileged case with the host's bash.
     fn run(argv: &[String]) -> (String, i32) {
         let output = Command::new(&argv[0]).args(&argv[1..]).output().expect("bash runs");
         (String::from_utf8_lossy(&output.stdout).into_owned(), output.status.code().unwrap_or(-1))
     }
 
+    fn single_for_test(request: &ExecRequest) -> Vec<String> {
+        single(request, &pid_file("single"))
+    }
+
     #[test]
     fn quoting_keeps_every_byte() {
         assert_eq!(quote("it's"), r"'it'\''s'");
         let tricky = "echo \"$HOME\" '`x`' $(id) \\ \u{fc}\nprintf 'two\\tlines'";
-        let (out, code) = run(&single(&request(
+        let (out, code) = run(&single_for_test(&request(
             &format!("printf '%s' {}", quote(tricky)),
             &[("A", "x y $B")],
             true,
@@ -103,7 +138,7 @@ mod tests {
 
     #[test]
     fn variables_arrive_verbatim_and_nomad_ones_are_removed() {
-        let argv = single(&request(
+        let argv = single_for_test(&request(
             "printf '%s|%s' \"$A\" \"${NOMAD_X-unset}\"",
             &[("A", "a b'$c")],
             true,
@@ -115,10 +150,10 @@ mod tests {
 
     #[test]
     fn exit_codes_propagate_and_unprivileged_commands_use_setuser() {
-        assert_eq!(run(&single(&request("exit 3", &[], true))).1, 3);
-        let argv = single(&request("id", &[], false));
-        assert!(argv[2].contains("exec /sbin/setuser user /bin/bash -c "));
-        assert!(argv[2].contains("exec setpriv --reuid=user --regid=user"));
+        assert_eq!(run(&single_for_test(&request("exit 3", &[], true))).1, 3);
+        let argv = single_for_test(&request("id", &[], false));
+        assert!(argv[2].contains("then /sbin/setuser user /bin/bash -c "));
+        assert!(argv[2].contains("else setpriv --reuid=user --regid=user"));
     }
 
     #[test]
@@ -126,13 +161,37 @@ mod tests {
         let directory = std::env::temp_dir().join(format!("poseidon-fifo-{}", std::process::id()));
         std::fs::create_dir_all(&directory).unwrap();
         let fifo = directory.join("stderr.fifo").display().to_string();
-        let (main, reader) =
-            split_stderr(&request("echo out; echo err >&2; exit 4", &[], true), &fifo);
+        let (main, reader) = split_stderr(
+            &request("echo out; echo err >&2; exit 4", &[], true),
+            &fifo,
+            &pid_file("split"),
+        );
         let reader = std::thread::spawn(move || run(&reader));
         let (out, code) = run(&main);
         let (err, _) = reader.join().unwrap();
         assert_eq!((out.as_str(), code, err.as_str()), ("out\n", 4, "err\n"));
         assert!(!std::path::Path::new(&fifo).exists());
         std::fs::remove_dir_all(&directory).unwrap();
+    }
+
+    #[test]
+    fn a_stop_kills_the_whole_process_group_and_the_pid_file_goes() {
+        use std::os::unix::process::CommandExt;
+        let pid_file = pid_file("kill");
+        let argv = single(&request("sleep 1000 & sleep 1000", &[], true), &pid_file);
+        let mut child = Command::new(&argv[0]).args(&argv[1..]).process_group(0).spawn().unwrap();
+        let started = std::time::Instant::now();
+        while !std::path::Path::new(&pid_file).exists() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(5), "no pid file");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(run(&kill(&pid_file)).1, 0);
+        let status = child.wait().unwrap();
+        assert!(!status.success());
+        assert!(!std::path::Path::new(&pid_file).exists());
+        assert_eq!(run(&kill(&pid_file)).1, 0, "killing twice is harmless");
+        let (_, code) = run(&single(&request("exit 5", &[], true), &pid_file));
+        assert_eq!(code, 5);
+        assert!(!std::path::Path::new(&pid_file).exists(), "removed after a normal end");
     }
 }

@@ -150,10 +150,14 @@ impl Session {
         heartbeat.reset();
         let mut stopping = false;
         let result = loop {
+            // Biased: a stop must reach the terminal before the end of stdin that a dropped
+            // handle also causes (Nomad ignores stdin after its close).
             tokio::select! {
+                biased;
                 () = self.dead.cancelled() => break Err(BackendError::RunnerGone),
                 () = self.stop.cancelled(), if !stopping => {
                     stopping = true;
+                    self.stdin = None;
                     if !self.tty {
                         break Ok(ExitStatus::Signaled(9));
                     }

@@ -1,7 +1,7 @@
 //! A runner: one Nomad job `<envId>-<uuid>` bound to one running allocation.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -30,6 +30,8 @@ const STDERR_GRACE: Duration = Duration::from_secs(1);
 const MAX_COLLECTED: usize = 16 << 20;
 /// The size line of a download is short; a longer one is not a size line.
 const MAX_FIRST_LINE: usize = 8 << 10;
+/// How long the kill of a stopped execution may take.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Claim metadata is written with retries for about this long.
 const CLAIM_PATIENCE: Duration = Duration::from_secs(5 * 60);
 
@@ -78,6 +80,44 @@ impl NomadRunner {
             job_writes: Arc::new(tokio::sync::Mutex::new(())),
             shared,
         })
+    }
+
+    /// Once `stop` is cancelled before the execution finished, kills its processes from a
+    /// second exec (as root), bounded in time.
+    fn kill_on_stop(&self, stop: CancellationToken, finished: CancellationToken, pid_file: String) {
+        let client = self.shared.client.clone();
+        let allocation = self.allocation.clone();
+        let dead = self.dead.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = finished.cancelled() => return,
+                () = dead.cancelled() => return,
+                () = stop.cancelled() => {}
+            }
+            let argv = command::kill(&pid_file);
+            let killing = async {
+                let target = client.exec_target(&allocation, RUNNER_TASK, false, &argv)?;
+                let socket = exec::connect(&target).await.map_err(BackendError::from)?;
+                let (output, _receiver) = mpsc::channel(1);
+                let session = Session {
+                    socket,
+                    stdin: None,
+                    output,
+                    channel: Channel::Native,
+                    tty: false,
+                    stop: CancellationToken::new(),
+                    dead,
+                };
+                session.run().await.map(drop)
+            };
+            match tokio::time::timeout(KILL_TIMEOUT, killing).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(allocation, %error, "cannot kill a stopped execution")
+                }
+                Err(_) => tracing::warn!(allocation, "killing a stopped execution timed out"),
+            }
+        });
     }
 
     fn check_alive(&self) -> Result<(), BackendError> {
@@ -251,6 +291,8 @@ impl Runner for NomadRunner {
         let (output, output_receiver) = mpsc::channel(CHANNEL_CAPACITY);
         let (exit_sender, exit) = oneshot::channel();
         let stop = CancellationToken::new();
+        let unique = unique_suffix();
+        let pid_file = format!("/tmp/.poseidon_{unique}.pid");
         let main = |socket| Session {
             socket,
             stdin: Some(stdin_receiver),
@@ -260,8 +302,11 @@ impl Runner for NomadRunner {
             stop: stop.clone(),
             dead: self.dead.clone(),
         };
+        let finished = CancellationToken::new();
+        let finish = finished.clone().drop_guard();
         if request.tty && request.separate_stderr {
-            let (main_argv, reader_argv) = command::split_stderr(&request, &fifo_path());
+            let fifo = format!("/tmp/stderr_{unique}.fifo");
+            let (main_argv, reader_argv) = command::split_stderr(&request, &fifo, &pid_file);
             // The reader first: a main command without its reader would block on the fifo
             // forever, while a reader without its command gives up by itself.
             let reader_socket = self.connect(&reader_argv, true).await?;
@@ -279,6 +324,7 @@ impl Runner for NomadRunner {
             tokio::spawn(async move {
                 let reader = tokio::spawn(reader.run());
                 let status = main.run().await;
+                drop(finish);
                 let abort = reader.abort_handle();
                 if tokio::time::timeout(STDERR_GRACE, reader).await.is_err() {
                     abort.abort();
@@ -286,13 +332,16 @@ impl Runner for NomadRunner {
                 let _ = exit_sender.send(status);
             });
         } else {
-            let session = main(self.connect(&command::single(&request), request.tty).await?);
+            let argv = command::single(&request, &pid_file);
+            let session = main(self.connect(&argv, request.tty).await?);
             tokio::spawn(async move {
                 let status = session.run().await;
+                drop(finish);
                 let _ = exit_sender.send(status);
             });
         }
         drop(output);
+        self.kill_on_stop(stop.clone(), finished, pid_file);
         Ok(ExecutionHandle::new(stdin, output_receiver, exit, stop))
     }
 
@@ -391,9 +440,11 @@ impl Drop for NomadRunner {
     }
 }
 
-fn fifo_path() -> String {
+/// Names the files of one execution (Go's fifo names use the Unix time in nanoseconds).
+fn unique_suffix() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
-    format!("/tmp/stderr_{nanos}.fifo")
+    format!("{nanos}_{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 fn unix_now() -> u64 {
