@@ -437,14 +437,19 @@ impl Cluster {
             return (Deregistered { eval_id: String::new(), index: 0 }, Effects::default());
         }
         let index = self.bump();
-        let job_event = self.job_event("JobDeregistered", &key, index, false);
-        if purge {
+        // A purge reports the job as it was; a stop reports the stopped job.
+        let job_event = if purge {
+            let event = self.job_event("JobDeregistered", &key, index, false);
             self.jobs.remove(&key);
-        } else if let Some(job) = self.jobs.get_mut(&key) {
-            job.stop = true;
-            job.modify_index = index;
-            job.job_modify_index = index;
-        }
+            event
+        } else {
+            if let Some(job) = self.jobs.get_mut(&key) {
+                job.stop = true;
+                job.modify_index = index;
+                job.job_modify_index = index;
+            }
+            self.job_event("JobDeregistered", &key, index, true)
+        };
         let eval_id = self.create_eval(namespace, id, "job-deregister", index, "pending");
         self.events.publish(index, vec![job_event]);
         let eval_event = self.eval_event("JobDeregistered", &eval_id);
@@ -457,6 +462,9 @@ impl Cluster {
         let Some(job) = self.jobs.get(&(namespace.to_owned(), id.to_owned())) else {
             return "dead";
         };
+        if job.stop {
+            return "dead";
+        }
         let mine = |a: &&Alloc| {
             a.namespace == namespace && a.job_id == id && a.job_create_index >= job.create_index
         };
@@ -795,10 +803,12 @@ impl Cluster {
                 Replacement::None => {}
             }
         }
-        for slot in (0..group.count).filter(|s| !occupied.contains(s)) {
+        let free: Vec<u32> = (0..group.count).filter(|s| !occupied.contains(s)).collect();
+        for (placed, slot) in free.iter().copied().enumerate() {
             if !self.has_room() {
-                *plan.failed.entry(group.name.clone()).or_default() += 1;
-                continue;
+                let unplaced = u32::try_from(free.len() - placed).unwrap_or(u32::MAX);
+                *plan.failed.entry(group.name.clone()).or_default() += unplaced;
+                break;
             }
             let previous = predecessors.get(&slot).cloned();
             let id = self.place(job, group, slot, eval_id, previous.as_deref(), plan);
@@ -1087,8 +1097,14 @@ impl Cluster {
         update(alloc);
         alloc.modify_index = index;
         alloc.modify_time = now_nanos();
+        let failed = alloc.client_status == "failed";
         let (namespace, job_id) = (alloc.namespace.clone(), alloc.job_id.clone());
         let mut events = vec![self.alloc_event("AllocationUpdated", id)];
+        if failed {
+            // In the same write as the failure, so the job never looks dead in between.
+            let eval = self.create_eval(&namespace, &job_id, "alloc-failure", index, "pending");
+            events.push(self.eval_event("AllocationUpdated", &eval));
+        }
         events.extend(self.refresh_job_status(&namespace, &job_id, "AllocationUpdated"));
         self.events.publish(index, events);
         true
@@ -1148,7 +1164,7 @@ impl Cluster {
             Cluster::mark_failed(alloc);
         });
         if applied {
-            effects.merge(self.after_failure(id));
+            effects.merge(self.after_failure());
         }
         effects
     }
@@ -1271,7 +1287,7 @@ impl Cluster {
             effects.start.push((alloc.id.clone(), alloc.incarnation, true));
         });
         if exhausted && policy.mode == "fail" {
-            effects.merge(self.after_failure(id));
+            effects.merge(self.after_failure());
         }
         Ok(effects)
     }
@@ -1298,18 +1314,12 @@ impl Cluster {
             Cluster::task_event(alloc, event, Some("dead"));
             Cluster::mark_failed(alloc);
         });
-        effects.merge(self.after_failure(id));
+        effects.merge(self.after_failure());
         Ok(effects)
     }
 
-    /// A failed allocation triggers an `alloc-failure` evaluation and frees its slot.
-    fn after_failure(&mut self, id: &str) -> Effects {
-        let Some(alloc) = self.allocs.get(id) else { return Effects::default() };
-        let (namespace, job_id) = (alloc.namespace.clone(), alloc.job_id.clone());
-        let index = self.index;
-        let eval = self.create_eval(&namespace, &job_id, "alloc-failure", index, "pending");
-        let event = self.eval_event("AllocationUpdated", &eval);
-        self.events.publish(index, vec![event]);
+    /// A failed allocation frees its slot; its `alloc-failure` evaluation is queued.
+    fn after_failure(&mut self) -> Effects {
         self.unblock();
         Effects { wake_scheduler: true, ..Effects::default() }
     }

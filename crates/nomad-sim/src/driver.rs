@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use poseidon_sandbox::{Limits, Runtime, Sandbox, SandboxSpec};
+use poseidon_sandbox::{Limits, ProcessSpec, Runtime, Sandbox, SandboxSpec};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -143,10 +144,15 @@ impl Shared {
 
     fn apply(self: &Arc<Self>, effects: Effects) {
         for sandbox in effects.destroy {
-            self.spawn(destroy(sandbox));
+            // Not cancellable: a destroy cut short would leave the sandbox's cgroups.
+            self.tasks.spawn(destroy(sandbox));
         }
         for (id, incarnation, restart) in effects.start {
-            self.spawn(run_alloc(self.clone(), id, incarnation, restart));
+            // Cancelled only between steps (see `pause`): a sandbox creation cut short
+            // could leave cgroups behind.
+            if !self.shut_down.load(Ordering::SeqCst) {
+                self.tasks.spawn(run_alloc(self.clone(), id, incarnation, restart));
+            }
         }
         for (id, incarnation) in effects.kill {
             self.spawn(kill_alloc(self.clone(), id, incarnation));
@@ -161,6 +167,14 @@ impl Shared {
         }
         if effects.wake_scheduler {
             self.scheduler.notify_one();
+        }
+    }
+
+    /// Sleeps; `false` if the simulator shuts down meanwhile.
+    async fn pause(&self, duration: Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(duration) => !self.cancel.is_cancelled(),
+            () = self.cancel.cancelled() => false,
         }
     }
 
@@ -213,15 +227,21 @@ async fn run_alloc(shared: Arc<Shared>, id: String, incarnation: u64, restart: b
     let delays = shared.delays();
     let step = delays.pending / 3;
     if restart {
-        tokio::time::sleep(delays.restart).await;
+        if !shared.pause(delays.restart).await {
+            return;
+        }
     } else {
-        tokio::time::sleep(step).await;
+        if !shared.pause(step).await {
+            return;
+        }
         if !shared.with_cluster(|c| {
             (c.client_update(&id, incarnation, Cluster::received), Effects::default())
         }) {
             return;
         }
-        tokio::time::sleep(step).await;
+        if !shared.pause(step).await {
+            return;
+        }
         if !shared.with_cluster(|c| {
             (c.client_update(&id, incarnation, Cluster::task_setup), Effects::default())
         }) {
@@ -235,15 +255,75 @@ async fn run_alloc(shared: Arc<Shared>, id: String, incarnation: u64, restart: b
             return;
         }
     };
-    tokio::time::sleep(step).await;
     let kept = sandbox.clone();
-    let started = shared.with_cluster(|c| {
-        let applied = c.client_update(&id, incarnation, |alloc| Cluster::started(alloc, kept));
-        (applied, Effects::default())
-    });
-    if !started && let Some(sandbox) = sandbox {
-        destroy(sandbox).await;
+    let started = shared.pause(step).await
+        && shared.with_cluster(|c| {
+            let applied = c.client_update(&id, incarnation, |alloc| Cluster::started(alloc, kept));
+            (applied, Effects::default())
+        });
+    match sandbox {
+        Some(sandbox) if !started => destroy(sandbox).await,
+        Some(sandbox) => {
+            let ports =
+                shared.cluster().allocs.get(&id).map(|a| a.ports.clone()).unwrap_or_default();
+            for port in ports {
+                shared.spawn(forward_port(shared.clone(), sandbox.clone(), port.value, port.to));
+            }
+        }
+        None => {}
     }
+}
+
+/// Makes `127.0.0.1:<to>` inside the sandbox reachable on the host port, until the sandbox
+/// dies. The sandbox has no network, so each connection is relayed by a process inside it
+/// (bash's `/dev/tcp`) over its stdin and stdout.
+async fn forward_port(shared: Arc<Shared>, sandbox: Arc<Sandbox>, host: u16, to: i64) {
+    let Some(listener) = bind_host_port(host).await else { return };
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    shared.spawn(relay(sandbox.clone(), stream, to));
+                }
+            }
+            () = sandbox.exited() => return,
+        }
+    }
+}
+
+/// Binds a host port, retrying briefly: the previous incarnation's forwarder may still
+/// hold it while its sandbox is being destroyed.
+async fn bind_host_port(host: u16) -> Option<tokio::net::TcpListener> {
+    const ATTEMPTS: u32 = 20;
+    for _ in 0..ATTEMPTS {
+        match tokio::net::TcpListener::bind(("127.0.0.1", host)).await {
+            Ok(listener) => return Some(listener),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    tracing::warn!(host, "cannot listen on an allocation's host port");
+    None
+}
+
+async fn relay(sandbox: Arc<Sandbox>, mut stream: tokio::net::TcpStream, to: i64) {
+    let spec = ProcessSpec {
+        command: format!("exec 3<>/dev/tcp/127.0.0.1/{to} && {{ cat <&3 & cat >&3; wait; }}"),
+        ..ProcessSpec::default()
+    };
+    let Ok(mut process) = sandbox.spawn(spec).await else { return };
+    let (Some(mut stdin), Some(mut stdout)) = (process.stdin.take(), process.stdout.take()) else {
+        return;
+    };
+    let (mut from_client, mut to_client) = stream.split();
+    let upstream = async {
+        let _ = tokio::io::copy(&mut from_client, &mut stdin).await;
+        let _ = stdin.shutdown().await;
+    };
+    let downstream = async {
+        let _ = tokio::io::copy(&mut stdout, &mut to_client).await;
+        let _ = to_client.shutdown().await;
+    };
+    let _ = tokio::join!(upstream, downstream, process.wait());
 }
 
 /// The sandbox of a running allocation: the host image, the group's memory, no network.

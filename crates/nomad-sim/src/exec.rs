@@ -256,7 +256,9 @@ async fn run(
     let stdin = process.stdin.take();
     let stdout = process.stdout.take();
     let stderr = process.stderr.take();
-    let input = tokio::spawn(read_client(incoming, stdin, outgoing.clone()));
+    // A JoinSet aborts the reader when dropped, also when the session is cancelled.
+    let mut input = tokio::task::JoinSet::new();
+    input.spawn(read_client(incoming, stdin, outgoing.clone()));
     let output = async {
         tokio::join!(
             pump(stdout, "stdout", outgoing.clone()),
@@ -264,7 +266,7 @@ async fn run(
         )
     };
     let (_, exit) = tokio::join!(output, process.wait());
-    input.abort();
+    input.abort_all();
     let frame = match exit {
         Ok(info) => Message::Text(Utf8Bytes::from(exited_frame(info).to_string())),
         Err(_) => close(INTERNAL_ERROR, "failed to inspect exec: container is gone"),

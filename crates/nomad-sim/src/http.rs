@@ -159,7 +159,7 @@ pub(crate) fn parse_bool(value: &str) -> Option<bool> {
 }
 
 /// A Go duration (`300ms`, `1m30s`).
-fn parse_go_duration(text: &str) -> Option<Duration> {
+pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
     let mut total = Duration::ZERO;
     let mut rest = text;
     if rest.is_empty() {

@@ -22,6 +22,10 @@ pub const SERVER_FIELDS: &[&str] = &[
 ];
 
 const SECOND: i64 = 1_000_000_000;
+/// Allocations one group may ask for; the scheduler walks every slot.
+pub const MAX_COUNT: i64 = 10_000;
+/// Dynamic ports one group may ask for; each needs a free host port.
+pub const MAX_DYNAMIC_PORTS: usize = 64;
 
 /// A validated, canonical job.
 #[derive(Clone, Debug)]
@@ -265,6 +269,10 @@ fn group_spec(group: &Value) -> Result<GroupSpec, Vec<String>> {
     if count < 0 {
         errors.push("Task group count can't be negative".into());
     }
+    if count > MAX_COUNT {
+        errors
+            .push(format!("Task group count {count} exceeds the simulator's limit of {MAX_COUNT}"));
+    }
     let restart = &group["RestartPolicy"];
     let mode = text(restart, "Mode").to_owned();
     if !matches!(mode.as_str(), "delay" | "fail") {
@@ -273,6 +281,16 @@ fn group_spec(group: &Value) -> Result<GroupSpec, Vec<String>> {
     let networks = group.get("Networks").and_then(Value::as_array).cloned().unwrap_or_default();
     if networks.len() > 1 {
         errors.push("Only one network resource is allowed".into());
+    }
+    let port_count = networks
+        .first()
+        .and_then(|n| n.get("DynamicPorts"))
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    if port_count > MAX_DYNAMIC_PORTS {
+        errors.push(format!(
+            "{port_count} dynamic ports exceed the simulator's limit of {MAX_DYNAMIC_PORTS}"
+        ));
     }
     let tasks = group.get("Tasks").and_then(Value::as_array).cloned().unwrap_or_default();
     if tasks.is_empty() {

@@ -6,8 +6,19 @@
 //! # API
 //!
 //! ```no_run
-//! # async fn demo(runtime: poseidon_sandbox::Runtime) -> Result<(), nomad_sim::SimError> {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use nomad_sim::{SimConfig, Simulator};
+//! use poseidon_sandbox::{Limits, Runtime, RuntimeConfig};
+//! // Any binary that runs `poseidon_sandbox::init::main` for `sandbox-init` can be the
+//! // sandboxes' init: `poseidon` itself, or `nomad-sim`.
+//! let runtime = Runtime::new(RuntimeConfig {
+//!     state_dir: "/tmp/my-test-state".into(), // every ancestor searchable by the sandboxes
+//!     init_program: "/path/to/poseidon".into(), // e.g. env!("CARGO_BIN_EXE_poseidon")
+//!     init_args: vec!["sandbox-init".into()],
+//!     cgroup_name: "my-test-unique-name".into(), // removed when the runtime is dropped
+//!     uid_base: 500_000,
+//!     defaults: Limits::default(),
+//! })?;
 //! let sim = Simulator::start(SimConfig { runtime: Some(runtime), ..SimConfig::default() }).await?;
 //! let base = sim.url(); // "http://127.0.0.1:<port>", also `sim.address()`
 //! # let alloc_id = String::new();
@@ -36,10 +47,11 @@
 //!   desired stop with migrate, replacement placed, old one killed); all return
 //!   `Result<(), `[`FaultError`]`>`. `set_capacity(Option<usize>)` (blocked evaluations are
 //!   placed when room appears), `drop_event_streams()` (every stream ends with EOF; clients
-//!   resume by index), `clear_event_buffer()` (a server restart: the buffer is empty,
-//!   indexes continue), `set_unreachable(bool).await` (down: the port refuses connections and
-//!   every open connection, stream and exec session is cut; up: the same port listens
-//!   again), `set_pending_delay`, `set_schedule_delay`, `set_suppress_stop_events(bool)`
+//!   resume by index), `clear_event_buffer()` (a server restart: streams end, the buffer
+//!   is empty, indexes continue), `set_unreachable(bool).await` (down: the port refuses
+//!   connections and every open connection, stream and exec session is cut; up: the same
+//!   port listens again), `set_pending_delay`, `set_schedule_delay`,
+//!   `set_suppress_stop_events(bool)`
 //!   (Nomad sometimes sends no allocation stop events), `create_namespace(name)`;
 //!   inspection — `jobs() -> Vec<`[`JobInfo`]`>`, `allocations() -> Vec<`[`AllocInfo`]`>`,
 //!   `evaluations() -> Vec<`[`EvalInfo`]`>`, `requests() -> Vec<`[`RecordedRequest`]`>`
@@ -59,11 +71,18 @@
 //!
 //! Exec runs `argv` as `exec 'argv0' 'argv1' …` through the sandbox's `bash -c`, as root of
 //! the sandbox (a container's default user), in `/workspace`, with a real PTY for `tty=true`.
+//! The host image has no `/sbin/setuser` (phusion's); `setpriv --reuid=1001 --regid=1001
+//! --clear-groups <cmd>` runs a command as the image's `user`.
 //! Frames are Nomad's (§4.2/§4.3): ≤ 1024-byte output chunks, `close` frames, then
 //! `{"exited":true,"result":{}}` (exit code 0 omitted) and the TCP connection is dropped
 //! without a close frame. A client disconnect does not kill the process; stopping, killing
 //! or restarting the allocation does (the session then ends with close code 1011
 //! `failed to inspect exec: container is gone`).
+//!
+//! Dynamic ports (`Networks[0].DynamicPorts`) get host ports from 20000–32000, reported in
+//! `AllocatedResources.Shared.Ports` (`HostIP` `127.0.0.1`) and `Shared.Networks`; while the
+//! allocation runs, a connection to `127.0.0.1:<host port>` reaches `127.0.0.1:<To>` inside
+//! its sandbox (relayed by a process in the sandbox, which has no network of its own).
 #![forbid(unsafe_code)]
 
 mod cluster;
@@ -319,9 +338,11 @@ impl SimHandle {
         self.shared.stream_drops.send_modify(|n| *n += 1);
     }
 
-    /// Empties the event buffer, as a server restart does.
+    /// Empties the event buffer and ends every stream, as a server restart does; indexes
+    /// continue where they were.
     pub fn clear_event_buffer(&self) {
         self.shared.cluster().events.clear();
+        self.drop_event_streams();
     }
 
     /// Down: connections are refused and open ones cut. Up: listening again on the same port.

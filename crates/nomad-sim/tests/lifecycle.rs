@@ -310,3 +310,26 @@ async fn blocking_queries_wait_for_a_newer_index() {
     assert_eq!(sim.get("/v1/jobs?index=1&wait=5").await, (400, "Invalid wait time".to_owned()));
     sim.finish().await;
 }
+
+#[tokio::test]
+async fn deregister_without_purge_keeps_a_stopped_dead_job() {
+    let sim = TestSim::start(SimConfig::default()).await;
+    sim.register(&poseidon_job("29-j", "default")).await;
+    sim.running_alloc("29-j").await;
+    let mut stream = EventStream::open_after(&sim, "topic=Job").await;
+    let (status, _) = sim.delete("/v1/job/29-j").await;
+    assert_eq!(status, 200);
+    let events = stream.until(|e| e["Type"] == "JobDeregistered").await;
+    assert_eq!(events[0]["Payload"]["Job"]["Stop"], true);
+    assert_eq!(events[0]["Payload"]["Job"]["Status"], "dead");
+    sim.wait_allocs("29-j", |a| a[0].client_status == "complete").await;
+    let job = sim.get_json("/v1/job/29-j").await;
+    assert_eq!(job["Stop"], true);
+    assert_eq!(job["Status"], "dead");
+    // Registering it again starts it again.
+    sim.register(&poseidon_job("29-j", "default")).await;
+    let alloc = sim.running_alloc("29-j").await;
+    assert_eq!(alloc.previous_allocation, None);
+    assert_eq!(sim.get_json("/v1/job/29-j").await["Version"], 1);
+    sim.finish().await;
+}

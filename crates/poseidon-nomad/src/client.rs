@@ -165,7 +165,7 @@ impl NomadClient {
 
     /// `PUT /v1/jobs/parse`: HCL (or HCL-in-JSON) to an `api.Job` JSON object.
     pub async fn parse_job(&self, hcl: &str) -> Result<Value, NomadError> {
-        let body = serde_json::json!({ "JobHCL": hcl, "Canonicalize": false, "Variables": "" });
+        let body = serde_json::json!({ "JobHCL": hcl, "Canonicalize": false });
         let bytes = self.request(Method::PUT, "v1/jobs/parse", &[], Some(&body)).await?;
         decode(&bytes)
     }

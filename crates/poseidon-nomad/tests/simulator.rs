@@ -256,6 +256,104 @@ async fn a_restart_recovers_idle_used_and_starting_runners_without_over_provisio
     sim.shutdown().await;
 }
 
+/// The Go Poseidon's template job in HCL (spec §7.1), with its own datacenter.
+const TEMPLATE_HCL: &str = r#"
+// The environment template: one runner group and a count-0 group for metadata.
+job "template-0" {
+  datacenters = ["dc-hcl"]
+  type        = "batch"
+
+  group "default-group" {
+    count = 1
+    ephemeral_disk {
+      migrate = false
+      size    = 10
+      sticky  = false
+    }
+    spread {
+      attribute = "${node.unique.name}"
+      weight    = 100
+    }
+    restart {
+      attempts = 3
+      delay    = "15s"
+      interval = "1h"
+      mode     = "fail"
+    }
+    reschedule {
+      unlimited      = false
+      attempts       = 3
+      interval       = "6h"
+      delay          = "1m"
+      max_delay      = "4m"
+      delay_function = "exponential"
+    }
+    task "default-task" {
+      driver       = "docker"
+      kill_timeout = "0s"
+      kill_signal  = "SIGKILL"
+      config {
+        image        = "openhpi/docker_exec_phusion"
+        command      = "sleep"
+        args         = ["infinity"]
+        network_mode = "none"
+      }
+      logs {
+        max_files     = 1
+        max_file_size = 1
+      }
+      resources {
+        cpu    = 40
+        memory = 50
+      }
+    }
+  }
+
+  group "config" {
+    count = 0
+    task "config" {
+      driver = "exec"
+      config {
+        command = "true"
+      }
+      logs {
+        max_files     = 1
+        max_file_size = 1
+      }
+      resources {
+        cpu    = 1 # the minimum
+        memory = 10
+      }
+    }
+    meta {
+      used               = "false"
+      prewarmingPoolSize = "0"
+    }
+  }
+}
+"#;
+
+#[tokio::test]
+async fn an_hcl_template_file_is_parsed_by_nomad_and_used() {
+    let sim = simulator(None).await;
+    let file = std::env::temp_dir().join(format!("poseidon-template-{}.hcl", std::process::id()));
+    std::fs::write(&file, TEMPLATE_HCL).unwrap();
+    let backend = NomadBackend::start(NomadConfig {
+        template: poseidon_nomad::TemplateSource::File(file.clone()),
+        ..config(&sim)
+    })
+    .await
+    .expect("an HCL template");
+    std::fs::remove_file(&file).unwrap();
+    let core = Core::new(Arc::new(backend), CoreConfig::default());
+    core.put_environment(environment(1)).await.unwrap();
+    eventually("the pool is full", || idle(&core) == 1).await;
+    for job in sim.jobs() {
+        assert_eq!(job.job["Datacenters"], serde_json::json!(["dc-hcl"]), "{}", job.id);
+    }
+    sim.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_json_template_file_is_used_and_hcl_goes_through_nomads_parser() {
     let sim = simulator(None).await;

@@ -35,6 +35,10 @@ struct Cli {
     pending_ms: u64,
     #[arg(long, default_value = "/var/lib/nomad-sim")]
     state_dir: PathBuf,
+    /// Our cgroup in every hierarchy; leftovers of an earlier run under it are removed, so
+    /// simulators running at the same time need different names.
+    #[arg(long, default_value = "nomad-sim")]
+    cgroup_name: String,
     /// Host uid of sandbox root (65536 ids from there).
     #[arg(long, default_value_t = 400_000)]
     uid_base: u32,
@@ -77,7 +81,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             init_program: std::env::current_exe()
                 .map_err(|e| format!("cannot find our executable: {e}"))?,
             init_args: vec![SANDBOX_INIT.into()],
-            cgroup_name: "nomad-sim".into(),
+            cgroup_name: cli.cgroup_name.clone(),
             uid_base: cli.uid_base,
             defaults: Limits {
                 pids: Some(512),
@@ -101,7 +105,18 @@ async fn run(cli: Cli) -> Result<(), String> {
     };
     let sim = Simulator::start(config).await.map_err(|e| e.to_string())?;
     println!("nomad-sim listening on {}", sim.url());
-    tokio::signal::ctrl_c().await.map_err(|e| format!("cannot wait for Ctrl-C: {e}"))?;
+    wait_for_stop().await?;
     sim.shutdown().await;
     Ok(())
+}
+
+/// SIGINT or SIGTERM: either way the sandboxes and their cgroups are removed on the way out.
+async fn wait_for_stop() -> Result<(), String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot wait for SIGTERM: {e}"))?;
+    tokio::select! {
+        interrupted = tokio::signal::ctrl_c() => interrupted.map_err(|e| format!("cannot wait for SIGINT: {e}")),
+        _ = terminate.recv() => Ok(()),
+    }
 }

@@ -166,6 +166,8 @@ pub fn poseidon_job(id: &str, namespace: &str) -> Value {
 pub struct EventStream {
     body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
     buffer: Vec<u8>,
+    /// Batches below this index are skipped (a resume past the end re-delivers one).
+    min_index: u64,
 }
 
 impl EventStream {
@@ -177,7 +179,15 @@ impl EventStream {
             .await
             .expect("event stream");
         assert_eq!(response.status(), 200);
-        EventStream { body: response.bytes_stream().boxed(), buffer: Vec::new() }
+        EventStream { body: response.bytes_stream().boxed(), buffer: Vec::new(), min_index: 0 }
+    }
+
+    /// A stream of what happens from now on.
+    pub async fn open_after(sim: &TestSim, topics: &str) -> EventStream {
+        let next = sim.sim.index() + 1;
+        let mut stream = EventStream::open(sim, &format!("{topics}&index={next}")).await;
+        stream.min_index = next;
+        stream
     }
 
     /// The next line, `None` at the end of the stream.
@@ -198,7 +208,7 @@ impl EventStream {
     pub async fn batch(&mut self) -> Option<Value> {
         loop {
             let line = self.line().await?;
-            if line != json!({}) {
+            if line != json!({}) && line["Index"].as_u64().unwrap_or(0) >= self.min_index {
                 return Some(line);
             }
         }
@@ -265,4 +275,117 @@ impl TestSim {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// What an exec session delivered.
+#[derive(Debug, Default)]
+pub struct ExecOutcome {
+    pub stdout: String,
+    pub stderr: String,
+    /// The server's frames in order, as JSON.
+    pub frames: Vec<Value>,
+    /// `Some(code)` of the exited frame (a missing `exit_code` is 0).
+    pub exit_code: Option<i64>,
+    /// A close frame's code and reason.
+    pub close: Option<(u16, String)>,
+}
+
+pub type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens an exec session for `argv` on `default-task`.
+pub async fn exec_connect(
+    sim: &TestSim,
+    alloc: &str,
+    argv: &[&str],
+    tty: bool,
+    token: Option<&str>,
+) -> Socket {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let command: String =
+        form_urlencoded::byte_serialize(serde_json::to_string(argv).unwrap().as_bytes()).collect();
+    let url = format!(
+        "ws://{}/v1/client/allocation/{alloc}/exec?task=default-task&tty={tty}&command={command}",
+        sim.sim.address()
+    );
+    let mut request = url.into_client_request().unwrap();
+    if let Some(token) = token {
+        request.headers_mut().insert("X-Nomad-Token", token.parse().unwrap());
+    }
+    let (socket, _) = tokio_tungstenite::connect_async(request).await.expect("WebSocket upgrade");
+    socket
+}
+
+/// Sends one client frame.
+pub async fn exec_send(socket: &mut Socket, frame: Value) {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    socket.send(Message::text(frame.to_string())).await.expect("send a frame");
+}
+
+/// `{"stdin":{"data":...}}`.
+pub fn stdin_frame(data: &[u8]) -> Value {
+    use base64::Engine;
+    json!({"stdin": {"data": base64::engine::general_purpose::STANDARD.encode(data)}})
+}
+
+/// Reads the session to its end.
+pub async fn exec_collect(mut socket: Socket) -> ExecOutcome {
+    use base64::Engine;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut outcome = ExecOutcome::default();
+    let decode = |frame: &Value| {
+        let data = frame["data"].as_str().unwrap_or_default();
+        String::from_utf8_lossy(&base64::engine::general_purpose::STANDARD.decode(data).unwrap())
+            .into_owned()
+    };
+    loop {
+        let next =
+            tokio::time::timeout(WAIT, socket.next()).await.expect("the session ends in time");
+        match next {
+            Some(Ok(Message::Text(text))) => {
+                let frame: Value = serde_json::from_str(&text).expect("a JSON frame");
+                if let Some(out) = frame.get("stdout") {
+                    outcome.stdout.push_str(&decode(out));
+                }
+                if let Some(err) = frame.get("stderr") {
+                    outcome.stderr.push_str(&decode(err));
+                }
+                if frame["exited"] == true {
+                    outcome.exit_code =
+                        Some(frame["result"].get("exit_code").and_then(Value::as_i64).unwrap_or(0));
+                }
+                outcome.frames.push(frame);
+            }
+            Some(Ok(Message::Close(frame))) => {
+                outcome.close = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return outcome,
+        }
+    }
+}
+
+/// Runs a command to its end.
+pub async fn exec(sim: &TestSim, alloc: &str, argv: &[&str], tty: bool) -> ExecOutcome {
+    exec_collect(exec_connect(sim, alloc, argv, tty, None).await).await
+}
+
+/// Reads stdout frames until `text` appeared (the process is surely running then).
+pub async fn exec_wait_for(socket: &mut Socket, text: &str) -> String {
+    use base64::Engine;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut stdout = String::new();
+    while !stdout.contains(text) {
+        let next = tokio::time::timeout(WAIT, socket.next()).await.expect("output in time");
+        let Some(Ok(Message::Text(frame))) = next else {
+            panic!("the session ended before {text:?}: {stdout:?}")
+        };
+        let frame: Value = serde_json::from_str(&frame).expect("a JSON frame");
+        if let Some(data) = frame["stdout"]["data"].as_str() {
+            let bytes = base64::engine::general_purpose::STANDARD.decode(data).unwrap();
+            stdout.push_str(&String::from_utf8_lossy(&bytes));
+        }
+    }
+    stdout
 }
