@@ -21,16 +21,28 @@ fn user_command(request: &ExecRequest) -> String {
 }
 
 /// Runs `command` as `user` unless privileged: through phusion's `/sbin/setuser` as Go does
-/// (CodeOcean's images have it), else through util-linux's `setpriv` (plain images).
-fn as_user(command: &str, privileged: bool) -> String {
+/// (CodeOcean's images have it), else through util-linux's `setpriv` (plain images). Replaces
+/// the calling shell unless that shell still has work to do afterwards (`then`).
+fn as_user(command: &str, privileged: bool, then: Then) -> String {
     if privileged {
         return command.to_owned();
     }
     let command = quote(command);
+    let exec = match then {
+        Then::Exit => "exec ",
+        Then::Continue => "",
+    };
     format!(
-        "if [ -x /sbin/setuser ]; then /sbin/setuser user /bin/bash -c {command}; \
-         else setpriv --reuid=user --regid=user --clear-groups /bin/bash -c {command}; fi"
+        "if [ -x /sbin/setuser ]; then {exec}/sbin/setuser user /bin/bash -c {command}; \
+         else {exec}setpriv --reuid=user --regid=user --clear-groups /bin/bash -c {command}; fi"
     )
+}
+
+/// Whether the shell around [`as_user`] ends with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Then {
+    Exit,
+    Continue,
 }
 
 /// The outermost layer: Nomad's own variables are not the learner's business.
@@ -57,7 +69,7 @@ pub(crate) fn kill(pid_file: &str) -> Vec<String> {
 
 /// One exec running the request (stderr merged into the terminal when `tty` is set).
 pub(crate) fn single(request: &ExecRequest, pid_file: &str) -> Vec<String> {
-    tracked_argv(&as_user(&user_command(request), request.privileged), pid_file)
+    tracked_argv(&as_user(&user_command(request), request.privileged, Then::Continue), pid_file)
 }
 
 /// The two execs of an interactive execution with stderr kept apart (spec §4.3): the main exec
@@ -81,14 +93,14 @@ pub(crate) fn split_stderr(
          sleep 0.01; done"
     );
     (
-        tracked_argv(&as_user(&main, request.privileged), pid_file),
-        argv(&as_user(&reader, request.privileged)),
+        tracked_argv(&as_user(&main, request.privileged, Then::Continue), pid_file),
+        argv(&as_user(&reader, request.privileged, Then::Exit)),
     )
 }
 
 /// An internal command (file operations): `command` is already a shell script.
 pub(crate) fn internal(script: &str, privileged: bool) -> Vec<String> {
-    argv(&as_user(script, privileged))
+    argv(&as_user(script, privileged, Then::Exit))
 }
 
 #[cfg(test)]
@@ -154,6 +166,7 @@ mod tests {
         let argv = single_for_test(&request("id", &[], false));
         assert!(argv[2].contains("then /sbin/setuser user /bin/bash -c "));
         assert!(argv[2].contains("else setpriv --reuid=user --regid=user"));
+        assert!(internal("ls", false)[2].contains("then exec /sbin/setuser user"));
     }
 
     #[test]

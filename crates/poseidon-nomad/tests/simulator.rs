@@ -180,12 +180,19 @@ async fn a_dropped_event_stream_is_resumed_and_missed_changes_are_caught_up() {
         jobs.len() == 1 && jobs[0] != job && idle(&core) == 1
     })
     .await;
-    let resumed = sim
+    let subscriptions: Vec<String> = sim
         .requests()
-        .iter()
-        .filter(|request| request.path.starts_with("/v1/event/stream"))
-        .count();
-    assert!(resumed >= 2, "the stream was subscribed again");
+        .into_iter()
+        .map(|request| request.path)
+        .filter(|path| path.starts_with("/v1/event/stream"))
+        .collect();
+    assert!(subscriptions.len() >= 2, "the stream was subscribed again: {subscriptions:?}");
+    assert!(
+        subscriptions[1..]
+            .iter()
+            .all(|path| !path.contains("index=0&") && !path.ends_with("index=0")),
+        "resumed after the last index seen: {subscriptions:?}"
+    );
     sim.shutdown().await;
 }
 
