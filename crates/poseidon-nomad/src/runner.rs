@@ -90,6 +90,7 @@ impl NomadRunner {
         let dead = self.dead.clone();
         tokio::spawn(async move {
             tokio::select! {
+                biased;
                 () = finished.cancelled() => return,
                 () = dead.cancelled() => return,
                 () = stop.cancelled() => {}
