@@ -414,3 +414,36 @@ async fn a_json_template_file_is_used_and_hcl_goes_through_nomads_parser() {
     std::fs::remove_dir_all(&directory).unwrap();
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_start_that_times_out_deregisters_its_job_so_a_late_placement_cannot_over_provision() {
+    // Room for the template job's allocation only.
+    let sim = simulator(Some(1)).await;
+    let backend = NomadBackend::start(NomadConfig {
+        start_timeout: Duration::from_millis(500),
+        ..config(&sim)
+    })
+    .await
+    .unwrap();
+    let core = Core::new(Arc::new(backend), CoreConfig::default());
+    core.put_environment(environment(1)).await.unwrap();
+    let first = {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(job) = runner_jobs(&sim).pop() {
+                break job;
+            }
+            assert!(Instant::now() < deadline, "no runner job registered");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    eventually("the blocked runner job is deregistered", || !runner_jobs(&sim).contains(&first))
+        .await;
+    assert!(runner_jobs(&sim).len() <= 1, "never more runner jobs than the pool");
+
+    sim.set_capacity(None);
+    eventually("the pool fills once there is room", || idle(&core) == 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(runner_jobs(&sim).len(), 1);
+    sim.shutdown().await;
+}
