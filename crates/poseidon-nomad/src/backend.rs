@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::FutureExt;
@@ -17,6 +16,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::client::{NomadClient, NomadError};
 use crate::config::{NomadConfig, TemplateSource};
 use crate::events;
+use crate::retry::{self, Attempt};
 use crate::runner::NomadRunner;
 use crate::template::{self, TemplateError};
 use crate::tracker::{Phase, Tracker};
@@ -67,32 +67,21 @@ impl Shared {
     ) {
         let shared = self.clone();
         tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + shared.config.deregister_patience;
-            let mut delay = Duration::from_millis(500);
-            loop {
+            let patience = shared.config.deregister_patience;
+            retry::until_done("deregister the job", &job, patience, || async {
                 if shared.is_registered_template(&job) {
-                    return;
+                    return Attempt::Finished;
                 }
-                let result = match &writes {
-                    Some(writes) => {
-                        let _writing = writes.lock().await;
-                        shared.client.deregister_job(&job).await
-                    }
-                    None => shared.client.deregister_job(&job).await,
+                let _writing = match &writes {
+                    Some(writes) => Some(writes.lock().await),
+                    None => None,
                 };
-                match result {
-                    Ok(()) => return,
-                    Err(error) if tokio::time::Instant::now() + delay < deadline => {
-                        tracing::warn!(job, %error, retry_in = ?delay, "cannot deregister job");
-                    }
-                    Err(error) => {
-                        tracing::error!(job, %error, "gave up deregistering job");
-                        return;
-                    }
+                match shared.client.deregister_job(&job).await {
+                    Ok(()) => Attempt::Finished,
+                    Err(error) => Attempt::Failed(error),
                 }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(60));
-            }
+            })
+            .await;
         });
     }
 

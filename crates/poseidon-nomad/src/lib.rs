@@ -11,6 +11,7 @@ mod config;
 mod events;
 mod exec;
 mod files;
+mod retry;
 mod runner;
 mod template;
 mod tls;

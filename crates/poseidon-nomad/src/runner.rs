@@ -19,6 +19,7 @@ use crate::backend::Shared;
 use crate::command;
 use crate::exec::{self, Channel, Session};
 use crate::files;
+use crate::retry::{self, Attempt};
 use crate::template::{self, RUNNER_TASK};
 use crate::tracker::Phase;
 
@@ -390,34 +391,19 @@ impl Runner for NomadRunner {
         let shared = self.shared.clone();
         let dead = self.dead.clone();
         let writes = self.job_writes.clone();
-        let id = self.id.clone();
+        let id = self.id.to_string();
         tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + CLAIM_PATIENCE;
-            let mut delay = Duration::from_millis(500);
-            loop {
-                let written = {
-                    let _writing = writes.lock().await;
-                    if dead.is_cancelled() {
-                        return;
-                    }
-                    shared.client.register_job(&job).await
-                };
-                match written {
-                    Ok(_) => return,
-                    Err(error) if tokio::time::Instant::now() + delay < deadline => {
-                        tracing::warn!(runner = %id, %error, retry_in = ?delay, "cannot record the claim in Nomad");
-                    }
-                    Err(error) => {
-                        tracing::error!(runner = %id, %error, "gave up recording the claim in Nomad");
-                        return;
-                    }
+            retry::until_done("record the claim", &id, CLAIM_PATIENCE, || async {
+                let _writing = writes.lock().await;
+                if dead.is_cancelled() {
+                    return Attempt::Finished;
                 }
-                tokio::select! {
-                    () = dead.cancelled() => return,
-                    () = tokio::time::sleep(delay) => {}
+                match shared.client.register_job(&job).await {
+                    Ok(()) => Attempt::Finished,
+                    Err(error) => Attempt::Failed(error),
                 }
-                delay = (delay * 2).min(Duration::from_secs(30));
-            }
+            })
+            .await;
         });
     }
 
