@@ -7,7 +7,9 @@ use poseidon_core::backend::{FileCopy, FileEntry, FileUpdate};
 
 use crate::command::quote;
 
-/// The delete and extract script of a `PATCH …/files` (run as root, tar on stdin).
+/// The delete and extract script of a `PATCH …/files` (run as root, tar on stdin). It reads
+/// stdin to its end even when tar stops at the archive's end marker, so that it never ends
+/// before Nomad has read every frame we sent.
 pub(crate) fn update_script(update: &FileUpdate) -> String {
     let mut script = String::new();
     if !update.delete.is_empty() {
@@ -22,7 +24,9 @@ pub(crate) fn update_script(update: &FileUpdate) -> String {
             .collect();
         script.push_str(&format!("rm --recursive --force -- {}; ", paths.join(" ")));
     }
-    script.push_str("tar --extract --absolute-names --verbose --file=-");
+    script.push_str(
+        "tar --extract --absolute-names --verbose --file=-; ec=$?; cat > /dev/null; exit $ec",
+    );
     script
 }
 
@@ -255,7 +259,7 @@ mod tests {
         assert_eq!(
             update_script(&update),
             "rm --recursive --force -- ./* 'it'\\''s/$(id)' '-rf'; \
-             tar --extract --absolute-names --verbose --file=-"
+             tar --extract --absolute-names --verbose --file=-; ec=$?; cat > /dev/null; exit $ec"
         );
     }
 

@@ -136,6 +136,11 @@ impl NomadRunner {
     }
 
     /// Runs an internal script without a terminal, feeding `stdin`, and collects its output.
+    ///
+    /// Without input, stdin is never closed: Nomad stops reading a session when its process
+    /// ends and then drops the connection, and a frame it left unread turns that into a TCP
+    /// reset that can swallow the exit frame. A script that gets input must read it to the end
+    /// (see [`files::update_script`]) for the same reason.
     async fn run_internal(
         &self,
         script: &str,
@@ -143,11 +148,15 @@ impl NomadRunner {
         stdin: Option<Bytes>,
     ) -> Result<Collected, BackendError> {
         let socket = self.connect(&command::internal(script, privileged), false).await?;
-        let (stdin_sender, stdin_receiver) = mpsc::channel(1);
         let (output, mut receiver) = mpsc::channel(CHANNEL_CAPACITY);
+        let stdin = stdin.map(|bytes| {
+            let (sender, receiver) = mpsc::channel(1);
+            sender.try_send(bytes).expect("room for one chunk");
+            receiver
+        });
         let session = Session {
             socket,
-            stdin: Some(stdin_receiver),
+            stdin,
             output,
             channel: Channel::Native,
             tty: false,
@@ -155,10 +164,6 @@ impl NomadRunner {
             dead: self.dead.clone(),
         };
         let running = tokio::spawn(session.run());
-        if let Some(bytes) = stdin {
-            let _ = stdin_sender.send(bytes).await;
-        }
-        drop(stdin_sender);
         let mut collected = Collected::default();
         while let Some(chunk) = receiver.recv().await {
             collected.add(chunk);
@@ -172,12 +177,11 @@ impl NomadRunner {
     async fn open_download(&self, path: &str, privileged: bool) -> Result<FileContent, FilesError> {
         let socket =
             self.connect(&command::internal(&files::read_script(path), privileged), false).await?;
-        let (_stdin, stdin_receiver) = mpsc::channel(1);
         let (output, mut receiver) = mpsc::channel(CHANNEL_CAPACITY);
         let stop = CancellationToken::new();
         let session = Session {
             socket,
-            stdin: Some(stdin_receiver),
+            stdin: None,
             output,
             channel: Channel::Native,
             tty: false,
