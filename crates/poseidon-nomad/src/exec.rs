@@ -32,6 +32,10 @@ const STDIN_CHUNK: usize = 2048;
 /// The terminal's quit character: SIGQUIT to the foreground process group, as Go stops.
 const QUIT: u8 = 0x1c;
 const MAX_FRAME: usize = 1 << 20;
+/// How long a failed session waits for the allocation event that explains it.
+const LOSS_REPORT_WAIT: Duration = Duration::from_secs(2);
+/// How long it then keeps its output open for the core to learn the runner's end.
+const END_REPORT_GRACE: Duration = Duration::from_millis(500);
 
 /// A byte stream a WebSocket can run over (plain TCP or TLS).
 pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -189,6 +193,9 @@ impl Session {
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.close(None)).await;
+        if result.is_err() {
+            await_runner_end(&self.dead).await;
+        }
         result
     }
 
@@ -244,6 +251,15 @@ impl Session {
             .send(Message::text(frame))
             .await
             .map_err(|error| session_error(&error.to_string()))
+    }
+}
+
+/// An exec session of a dying allocation often fails before Nomad reports why. Holding the
+/// output open a moment lets the runner's end (an OOM kill, a stop) reach the core first, so
+/// that the client gets that message rather than a generic error.
+async fn await_runner_end(dead: &CancellationToken) {
+    if tokio::time::timeout(LOSS_REPORT_WAIT, dead.cancelled()).await.is_ok() {
+        tokio::time::sleep(END_REPORT_GRACE).await;
     }
 }
 
