@@ -11,15 +11,17 @@
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::Stream;
+use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::environment::EnvironmentConfig;
-use crate::ids::RunnerId;
+use crate::ids::{EnvironmentId, RunnerId};
 
 /// Creates runners for execution environments.
 #[async_trait]
@@ -37,6 +39,51 @@ pub trait Backend: Send + Sync + 'static {
         environment: &EnvironmentConfig,
         id: RunnerId,
     ) -> Result<Arc<dyn Runner>, BackendError>;
+
+    /// What survived a restart of the service (Nomad keeps environments and runners as jobs).
+    /// Called once, by [`crate::Core::restore`], before the API serves anything.
+    async fn recover(&self) -> Result<Recovery, BackendError> {
+        Ok(Recovery::default())
+    }
+
+    /// Forgets the backend's own record of an environment (Nomad: its template job). Its runners
+    /// were destroyed by the core already.
+    async fn delete_environment(&self, _id: EnvironmentId) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Whether runners survive a restart of the service, so that shutdown must keep them for
+    /// [`Backend::recover`] instead of destroying them.
+    fn runners_outlive_service(&self) -> bool {
+        false
+    }
+}
+
+/// A runner whose creation was under way before a restart; resolves once it can execute.
+pub type StartingRunner = BoxFuture<'static, Result<Arc<dyn Runner>, BackendError>>;
+
+/// Environments and runners a backend still holds after a restart of the service.
+#[derive(Default)]
+pub struct Recovery {
+    /// Environments the backend knows. When any are reported they replace the persisted ones.
+    pub environments: Vec<EnvironmentConfig>,
+    /// Runners ready to be claimed, with their environment.
+    pub idle: Vec<(EnvironmentId, Arc<dyn Runner>)>,
+    /// Runners a client had claimed, with their environment and inactivity timeout (zero: none).
+    pub used: Vec<(EnvironmentId, Arc<dyn Runner>, Duration)>,
+    /// Runners still starting; each counts towards its pool like a creation in flight.
+    pub starting: Vec<(EnvironmentId, StartingRunner)>,
+}
+
+impl fmt::Debug for Recovery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Recovery")
+            .field("environments", &self.environments.len())
+            .field("idle", &self.idle.len())
+            .field("used", &self.used.len())
+            .field("starting", &self.starting.len())
+            .finish()
+    }
 }
 
 /// A long-lived, isolated sandbox that runs executions and holds files.
@@ -61,6 +108,10 @@ pub trait Runner: Send + Sync + 'static {
 
     /// Kills every process and releases every resource of the runner. Idempotent.
     async fn destroy(&self) -> Result<(), BackendError>;
+
+    /// A client claimed the runner. Must return at once; a backend that records claims (Nomad's
+    /// `used` meta, for recovery) does so in the background.
+    fn claimed(&self, _inactivity_timeout: Duration) {}
 
     /// Resolves when the runner died on its own (its init process vanished, the Nomad
     /// allocation stopped), with the reason. Never resolves for a healthy runner.

@@ -20,6 +20,9 @@ pub enum StoreError {
 pub enum CoreError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The backend could not report what survived the restart.
+    #[error("cannot recover from the backend: {0}")]
+    Recover(BackendError),
 }
 
 /// A failure of `PUT`/`DELETE /execution-environments/{id}`.

@@ -17,7 +17,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use crate::backend::{
-    Backend, FileContent, FileEntry, FileUpdate, ListRequest, LostReason, MappedPort, Runner,
+    Backend, FileContent, FileEntry, FileUpdate, ListRequest, LostReason, MappedPort, Recovery,
+    Runner, StartingRunner,
 };
 use crate::environment::EnvironmentConfig;
 use crate::error::{
@@ -137,6 +138,21 @@ struct UsedRunner {
     end: RunnerEnd,
 }
 
+impl UsedRunner {
+    /// A claimed runner without inactivity timeout and without stored executions.
+    fn new(environment: EnvironmentId, runner: Arc<dyn Runner>, watcher: LostWatcher) -> Self {
+        Self {
+            environment,
+            runner,
+            _watcher: watcher,
+            inactivity_timeout: None,
+            inactivity_deadline: None,
+            stored: HashMap::new(),
+            end: RunnerEnd::default(),
+        }
+    }
+}
+
 struct StoredExecution {
     request: ExecutionRequest,
     expires_at: Option<Instant>,
@@ -161,24 +177,47 @@ impl Core {
         Core { shared, _stop_background: Arc::new(stopping.drop_guard()) }
     }
 
-    /// Loads the persisted environments, prepares each with the backend and starts filling their
-    /// pools; returns how many were restored. An environment the backend refuses is skipped
-    /// (and logged), so one broken image does not keep the service from starting.
+    /// Restores what survived a restart and starts filling the pools; returns how many
+    /// environments were restored.
+    ///
+    /// Environments the backend reports (Nomad's template jobs) win over the persisted ones:
+    /// the cluster is the shared truth when several service instances or a Go Poseidon used it,
+    /// and the state file is rewritten from them. Without any, the persisted environments are
+    /// prepared with the backend; one it refuses is skipped (and logged), so one broken image
+    /// does not keep the service from starting. Recovered runners rejoin their pools (claimed
+    /// ones with a fresh, full inactivity timer); runners starting at the restart count towards
+    /// their pool like creations in flight; surplus and orphaned runners are destroyed.
     pub async fn restore(&self) -> Result<usize, CoreError> {
-        let Some(store) = &self.shared.store else { return Ok(0) };
-        let mut restored = 0;
-        for config in store.load().await? {
+        let recovery = self.shared.backend.recover().await.map_err(CoreError::Recover)?;
+        let from_backend = !recovery.environments.is_empty();
+        let configs = match &self.shared.store {
+            _ if from_backend => recovery.environments.clone(),
+            Some(store) => store.load().await?,
+            None => Vec::new(),
+        };
+        let mut restored = Vec::new();
+        for config in configs {
             let id = config.id;
-            if let Err(error) = self.shared.backend.prepare_environment(&config).await {
+            let prepared = match from_backend {
+                true => Ok(()),
+                false => self.shared.backend.prepare_environment(&config).await,
+            };
+            if let Err(error) = prepared {
                 tracing::error!(environment = %id, %error, "cannot restore execution environment");
                 continue;
             }
             let retired = self.shared.lock().apply_environment(config).1;
             self.shared.destroy_in_background(retired);
-            self.shared.refill(id);
-            restored += 1;
+            restored.push(id);
         }
-        Ok(restored)
+        self.shared.adopt(recovery);
+        for id in &restored {
+            self.shared.refill(*id);
+        }
+        if from_backend {
+            self.shared.persist().await?;
+        }
+        Ok(restored.len())
     }
 
     /// Every environment, sorted by id.
@@ -220,7 +259,7 @@ impl Core {
         };
         self.shared.destroy_in_background(retired);
         self.shared.persist().await?;
-        Ok(())
+        self.shared.backend.delete_environment(id).await.map_err(EnvironmentError::Backend)
     }
 
     /// Pool sizes and runner counts per environment, sorted by id.
@@ -266,6 +305,7 @@ impl Core {
         let claimed = self.shared.claim_idle(environment, inactivity_timeout);
         self.shared.refill(environment);
         let runner = claimed?;
+        runner.claimed(inactivity_timeout);
         Ok(ClaimedRunner { id: runner.id().clone(), mapped_ports: runner.mapped_ports() })
     }
 
@@ -366,10 +406,14 @@ impl Core {
     }
 
     /// Stops timers and pool refills and destroys every runner, each destruction bounded.
-    /// Runners of a local backend cannot outlive the process, so none is kept.
+    /// Runners of a backend whose runners outlive the service (Nomad) are kept for the next
+    /// start's recovery; only their executions end.
     pub async fn shutdown(&self) {
         self.shared.stopping.cancel();
-        let runners = self.shared.lock().take_all_runners();
+        let mut runners = self.shared.lock().take_all_runners();
+        if self.shared.backend.runners_outlive_service() {
+            runners.clear();
+        }
         futures::future::join_all(runners.iter().map(|runner| async move {
             if let Err(error) = destroy_bounded(runner).await {
                 tracing::warn!(runner = %runner.id(), %error, "cannot destroy runner at shutdown");
@@ -427,15 +471,8 @@ impl Shared {
         let idle = entry.pool.take_idle().ok_or(ClaimError::NoIdleRunner)?;
         let id = idle.runner.id().clone();
         let runner = idle.runner.clone();
-        let mut used = UsedRunner {
-            environment,
-            runner: idle.runner,
-            _watcher: idle.watcher,
-            inactivity_timeout: (!inactivity_timeout.is_zero()).then_some(inactivity_timeout),
-            inactivity_deadline: None,
-            stored: HashMap::new(),
-            end: RunnerEnd::default(),
-        };
+        let mut used = UsedRunner::new(environment, idle.runner, idle.watcher);
+        used.inactivity_timeout = (!inactivity_timeout.is_zero()).then_some(inactivity_timeout);
         let earliest = state.deadlines.reset_inactivity(&id, &mut used);
         state.used.insert(id, used);
         drop(state);
@@ -540,7 +577,7 @@ impl Shared {
                 () = self.stopping.cancelled() => return,
                 permit = self.creations.acquire() => permit.expect("the semaphore is never closed"),
             };
-            let result = self.backend.create_runner(&config, RunnerId::new(config.id)).await;
+            let Some(result) = self.create_runner(&config).await else { return };
             drop(permit);
             match result {
                 Ok(runner) => {
@@ -558,6 +595,114 @@ impl Shared {
                     backoff = (backoff * 2).min(MAX_CREATION_BACKOFF);
                 }
             }
+        }
+    }
+
+    /// The backend's creation; `None` when the core stops first. Only a backend whose runners
+    /// outlive the service is interrupted (its half-created runner is recovered at the next
+    /// start); a local creation runs to its end so that nothing it set up leaks.
+    async fn create_runner(
+        &self,
+        config: &EnvironmentConfig,
+    ) -> Option<Result<Arc<dyn Runner>, crate::backend::BackendError>> {
+        let creation = self.backend.create_runner(config, RunnerId::new(config.id));
+        if !self.backend.runners_outlive_service() {
+            return Some(creation.await);
+        }
+        tokio::select! {
+            () = self.stopping.cancelled() => None,
+            result = creation => Some(result),
+        }
+    }
+
+    /// Puts recovered runners back: idle ones into their pools while there is room, claimed
+    /// ones into the used map with a full inactivity timer, starting ones as reservations of
+    /// their pools. Runners of unknown environments and surplus ones are destroyed.
+    fn adopt(self: &Arc<Self>, recovery: Recovery) {
+        let mut surplus = Vec::new();
+        let mut state = self.lock();
+        for (environment, runner) in recovery.idle {
+            let Some(entry) = state.environments.get_mut(&environment) else {
+                surplus.push(runner);
+                continue;
+            };
+            let size = entry.config.prewarming_pool_size as usize;
+            let idle = IdleRunner { watcher: self.watch_lost(runner.clone()), runner };
+            if let Err(idle) = entry.pool.adopt_idle(idle, size) {
+                surplus.push(idle.runner);
+            }
+        }
+        let mut wake = false;
+        for (environment, runner, inactivity_timeout) in recovery.used {
+            if !state.environments.contains_key(&environment) {
+                surplus.push(runner);
+                continue;
+            }
+            let id = runner.id().clone();
+            let mut used = UsedRunner::new(environment, runner.clone(), self.watch_lost(runner));
+            used.inactivity_timeout = (!inactivity_timeout.is_zero()).then_some(inactivity_timeout);
+            wake |= state.deadlines.reset_inactivity(&id, &mut used);
+            state.used.insert(id, used);
+        }
+        for (environment, starting) in recovery.starting {
+            let reserved = state.environments.get_mut(&environment).and_then(|entry| {
+                let size = entry.config.prewarming_pool_size as usize;
+                entry
+                    .pool
+                    .reserve_starting(size)
+                    .then(|| (entry.config.clone(), entry.pool.generation()))
+            });
+            let shared = self.clone();
+            match reserved {
+                Some((config, generation)) => self.tasks.spawn(async move {
+                    shared.finish_starting(config, generation, starting).await
+                }),
+                None => {
+                    self.tasks.spawn(async move { shared.destroy_when_started(starting).await })
+                }
+            };
+        }
+        drop(state);
+        self.wake_timers_if(wake);
+        if !surplus.is_empty() {
+            tracing::info!(count = surplus.len(), "destroying surplus recovered runners");
+        }
+        self.destroy_in_background(surplus);
+    }
+
+    /// Waits for a runner that was starting at the restart, holding its pool reservation, then
+    /// goes on like any creator of the pool.
+    async fn finish_starting(
+        self: Arc<Self>,
+        config: EnvironmentConfig,
+        generation: u64,
+        starting: StartingRunner,
+    ) {
+        let result = tokio::select! {
+            () = self.stopping.cancelled() => return,
+            result = starting => result,
+        };
+        match result {
+            Ok(runner) => {
+                if !self.add_created(config.id, generation, runner) {
+                    return;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(environment = %config.id, %error, "recovered runner did not start");
+            }
+        }
+        self.fill_pool(config, generation).await;
+    }
+
+    /// A surplus runner that was starting at the restart: destroyed once it exists.
+    async fn destroy_when_started(self: Arc<Self>, starting: StartingRunner) {
+        let result = tokio::select! {
+            () = self.stopping.cancelled() => return,
+            result = starting => result,
+        };
+        if let Ok(runner) = result {
+            self.destroy_in_background(vec![runner]);
         }
     }
 

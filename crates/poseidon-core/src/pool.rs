@@ -75,6 +75,26 @@ impl Pool {
         still_missing
     }
 
+    /// Takes a runner that survived a restart when the pool has room for it; gives it back
+    /// otherwise (it is surplus).
+    pub(crate) fn adopt_idle(&mut self, runner: IdleRunner, size: usize) -> Result<(), IdleRunner> {
+        if self.idle.len() + self.starting >= size {
+            return Err(runner);
+        }
+        self.idle.push_back(runner);
+        Ok(())
+    }
+
+    /// Reserves one slot for a runner that was starting before a restart; `false` when the
+    /// pool is full without it.
+    pub(crate) fn reserve_starting(&mut self, size: usize) -> bool {
+        let room = self.idle.len() + self.starting < size;
+        if room {
+            self.starting += 1;
+        }
+        room
+    }
+
     pub(crate) fn take_idle(&mut self) -> Option<IdleRunner> {
         self.idle.pop_front()
     }

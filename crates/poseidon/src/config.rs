@@ -1,5 +1,5 @@
 //! The configuration: Go Poseidon's YAML keys and `POSEIDON_*` environment variables, plus the
-//! keys of the local backend.
+//! keys of the local backend and our additions to the Nomad backend's.
 //!
 //! Precedence: environment > YAML file > defaults. Keys are lowercase and nested; a variable's
 //! name is `POSEIDON_` followed by the key path joined with `_`
@@ -45,7 +45,7 @@ pub struct Config {
     pub statedir: PathBuf,
     pub local: LocalSection,
     pub limits: LimitsConfig,
-    pub nomad: BackendSwitch,
+    pub nomad: NomadSection,
     pub aws: BackendSwitch,
     pub sentry: SentryConfig,
 }
@@ -58,7 +58,7 @@ impl Default for Config {
             statedir: PathBuf::from("/var/lib/poseidon"),
             local: LocalSection::default(),
             limits: LimitsConfig::default(),
-            nomad: BackendSwitch::default(),
+            nomad: NomadSection::default(),
             aws: BackendSwitch::default(),
             sentry: SentryConfig::default(),
         }
@@ -82,7 +82,7 @@ pub struct ServerConfig {
     /// Accepted for compatibility; we always open our own listener.
     #[serde(deserialize_with = "go_bool")]
     pub systemdsocketactivation: bool,
-    /// Nomad's job template; accepted for compatibility, unused by the local backend.
+    /// The Nomad backend's template job (HCL or JSON); empty: the embedded one.
     pub templatejobfile: String,
 }
 
@@ -333,7 +333,87 @@ impl Default for LimitsConfig {
     }
 }
 
-/// `nomad.enabled` / `aws.enabled`: those backends are not available in this build.
+/// The `nomad.*` keys (Go's, plus `starttimeout` and `reconcileinterval`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct NomadSection {
+    /// Use the Nomad backend instead of the local one.
+    #[serde(deserialize_with = "go_bool")]
+    pub enabled: bool,
+    pub address: String,
+    #[serde(deserialize_with = "lenient")]
+    pub port: u16,
+    pub token: String,
+    pub tls: TlsConfig,
+    pub namespace: String,
+    #[serde(deserialize_with = "go_bool")]
+    pub disableforcepull: bool,
+    pub network: NomadNetworkSection,
+    /// Seconds a runner job may wait for an allocation (blocked evaluations) before it is
+    /// deregistered.
+    #[serde(deserialize_with = "lenient")]
+    pub starttimeout: u64,
+    /// Seconds between full reconciliations with Nomad's allocations.
+    #[serde(deserialize_with = "lenient")]
+    pub reconcileinterval: u64,
+}
+
+impl Default for NomadSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            address: "127.0.0.1".to_owned(),
+            port: 4646,
+            token: String::new(),
+            tls: TlsConfig::default(),
+            namespace: "default".to_owned(),
+            disableforcepull: false,
+            network: NomadNetworkSection::default(),
+            starttimeout: 600,
+            reconcileinterval: 30,
+        }
+    }
+}
+
+/// `nomad.network`: Nomad's `NetworkResource` for environments with network access.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct NomadNetworkSection {
+    /// `bridge`; `cni/secure-bridge` is recommended (docs/nomad.md).
+    pub mode: String,
+    pub device: String,
+    pub cidr: String,
+    pub ip: String,
+    pub hostname: String,
+    pub dns: NomadDnsSection,
+}
+
+impl Default for NomadNetworkSection {
+    fn default() -> Self {
+        Self {
+            mode: "bridge".to_owned(),
+            device: String::new(),
+            cidr: String::new(),
+            ip: String::new(),
+            hostname: String::new(),
+            dns: NomadDnsSection::default(),
+        }
+    }
+}
+
+/// `nomad.network.dns`; from the environment, lists are space-separated.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct NomadDnsSection {
+    #[serde(deserialize_with = "go_list")]
+    pub servers: Vec<String>,
+    #[serde(deserialize_with = "go_list")]
+    pub searches: Vec<String>,
+    #[serde(deserialize_with = "go_list")]
+    pub options: Vec<String>,
+}
+
+/// `aws.enabled`: that backend is not available in this build.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct BackendSwitch {
@@ -387,11 +467,12 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let reject = |message: &str| Err(ConfigError::Rejected(message.to_owned()));
-        if self.nomad.enabled {
-            return reject(
-                "nomad.enabled is true, but the Nomad backend is not available yet; \
-                 set nomad.enabled: false to use the local backend",
-            );
+        let nomad = &self.nomad;
+        if nomad.enabled && (nomad.address.is_empty() || nomad.namespace.is_empty()) {
+            return reject("nomad.address and nomad.namespace must not be empty");
+        }
+        if nomad.tls.certfile.as_os_str().is_empty() != nomad.tls.keyfile.as_os_str().is_empty() {
+            return reject("nomad.tls.certfile and nomad.tls.keyfile go together");
         }
         if self.aws.enabled {
             return reject("aws.enabled is true, but the AWS Lambda backend is not supported");
@@ -579,6 +660,24 @@ fn go_bool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error>
     deserializer.deserialize_any(GoBool)
 }
 
+/// A list as YAML gives it, or space-separated (optionally quoted) words from the environment.
+fn go_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum List {
+        Items(Vec<String>),
+        Words(String),
+    }
+    Ok(match List::deserialize(deserializer)? {
+        List::Items(items) => items,
+        List::Words(words) => words
+            .trim_matches(|c| c == '"' || c == '\'')
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -680,7 +779,8 @@ local:
             rejected("server:\n  alert:\n    prewarmingpoolthreshold: -1\n").contains("threshold")
         );
         assert!(rejected("server:\n  tls:\n    active: true\n").contains("certfile"));
-        assert!(rejected("nomad:\n  enabled: true\n").contains("Nomad backend is not available"));
+        assert!(rejected("nomad:\n  enabled: true\n  namespace: ''\n").contains("namespace"));
+        assert!(rejected("nomad:\n  tls:\n    certfile: /c\n").contains("keyfile"));
         assert!(rejected("local:\n  memorylimit: 0\n").contains("memorylimit"));
         let from_env = Config::from_sources(None, env(&[("POSEIDON_SERVER_TLS_ACTIVE", "yes")]));
         assert!(from_env.unwrap_err().to_string().contains("yes"));
@@ -699,6 +799,40 @@ local:
         assert_eq!(config.local.imagepullpolicy, poseidon_local::PullPolicy::IfMissing);
         let never = Config::from_sources(None, env(&[("POSEIDON_LOCAL_IMAGEPULLPOLICY", "never")]));
         assert_eq!(never.unwrap().local.imagepullpolicy, poseidon_local::PullPolicy::Never);
+    }
+
+    #[test]
+    fn nomad_keys_come_from_yaml_and_the_environment() {
+        let defaults = Config::from_sources(None, []).unwrap().nomad;
+        assert!(!defaults.enabled);
+        assert_eq!((defaults.address.as_str(), defaults.port), ("127.0.0.1", 4646));
+        assert_eq!(
+            (defaults.namespace.as_str(), defaults.network.mode.as_str()),
+            ("default", "bridge")
+        );
+        let yaml = "nomad:\n  enabled: true\n  network:\n    mode: cni/secure-bridge\n    \
+                    dns:\n      servers: [1.1.1.1]\n";
+        let vars = env(&[
+            ("POSEIDON_NOMAD_ADDRESS", "nomad.example"),
+            ("POSEIDON_NOMAD_PORT", "4747"),
+            ("POSEIDON_NOMAD_TOKEN", "0123"),
+            ("POSEIDON_NOMAD_NAMESPACE", "poseidon"),
+            ("POSEIDON_NOMAD_DISABLEFORCEPULL", "TRUE"),
+            ("POSEIDON_NOMAD_TLS_ACTIVE", "true"),
+            ("POSEIDON_NOMAD_TLS_CAFILE", "/ca.pem"),
+            ("POSEIDON_NOMAD_NETWORK_DNS_SEARCHES", "\"a.example b.example\""),
+            ("POSEIDON_SERVER_TEMPLATEJOBFILE", "/etc/poseidon/job.hcl"),
+        ]);
+        let config = Config::from_sources(Some(yaml), vars).unwrap();
+        let nomad = &config.nomad;
+        assert!(nomad.enabled && nomad.disableforcepull && nomad.tls.active);
+        assert_eq!((nomad.address.as_str(), nomad.port), ("nomad.example", 4747));
+        assert_eq!((nomad.token.as_str(), nomad.namespace.as_str()), ("0123", "poseidon"));
+        assert_eq!(nomad.tls.cafile, PathBuf::from("/ca.pem"));
+        assert_eq!(nomad.network.mode, "cni/secure-bridge");
+        assert_eq!(nomad.network.dns.servers, ["1.1.1.1"]);
+        assert_eq!(nomad.network.dns.searches, ["a.example", "b.example"]);
+        assert_eq!(config.server.templatejobfile, "/etc/poseidon/job.hcl");
     }
 
     #[test]

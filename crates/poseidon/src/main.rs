@@ -14,6 +14,7 @@
 mod cli;
 mod config;
 mod images;
+mod nomad;
 mod service;
 
 use std::ffi::OsStr;

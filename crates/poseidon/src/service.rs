@@ -8,8 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use axum_server::tls_rustls::RustlsConfig;
 use poseidon_api::{ApiConfig, AppState, ServeOptions};
-use poseidon_core::{Core, CoreConfig};
+use poseidon_core::backend::Backend;
+use poseidon_core::{Core, CoreConfig, CoreError};
 use poseidon_local::{LocalBackend, LocalConfig};
+use poseidon_nomad::NomadBackend;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tracing_subscriber::EnvFilter;
@@ -17,8 +19,16 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{Config, LogFormatter, LogLevel, TlsConfig};
 
 /// Our crates log at `logger.level`; libraries only warnings, so that `DEBUG` stays readable.
-const OUR_CRATES: [&str; 5] =
-    ["poseidon", "poseidon_api", "poseidon_core", "poseidon_local", "poseidon_sandbox"];
+const OUR_CRATES: [&str; 6] = [
+    "poseidon",
+    "poseidon_api",
+    "poseidon_core",
+    "poseidon_local",
+    "poseidon_nomad",
+    "poseidon_sandbox",
+];
+/// Longest pause between attempts to recover from an unreachable Nomad at start-up.
+const MAX_RESTORE_DELAY: Duration = Duration::from_secs(30);
 
 /// The crate version, plus the git revision when the build set `POSEIDON_GIT_REVISION`.
 pub fn version() -> String {
@@ -74,17 +84,25 @@ fn warn_about_ignored_settings(config: &Config) {
     if config.server.systemdsocketactivation {
         tracing::warn!("server.systemdsocketactivation is not supported; opening our own listener");
     }
-    if !config.server.templatejobfile.is_empty() {
+    if !config.server.templatejobfile.is_empty() && !config.nomad.enabled {
         tracing::warn!("server.templatejobfile only applies to the Nomad backend; ignored");
     }
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let backend =
-        LocalBackend::new(local_config(&config)?).context("cannot start the local backend")?;
-    let core = Core::new(Arc::new(backend), core_config(&config));
-    // Like Go, serve only once the persisted environments are back.
-    let restored = core.restore().await.context("cannot restore the execution environments")?;
+    let backend: Arc<dyn Backend> = match config.nomad.enabled {
+        true => Arc::new(
+            NomadBackend::start(crate::nomad::nomad_config(&config))
+                .await
+                .context("cannot start the Nomad backend")?,
+        ),
+        false => Arc::new(
+            LocalBackend::new(local_config(&config)?).context("cannot start the local backend")?,
+        ),
+    };
+    let core = Core::new(backend, core_config(&config));
+    // Like Go, serve only once environments and runners are back.
+    let restored = restore(&core).await?;
     tracing::info!(restored, "execution environments restored");
 
     let tls = match config.server.tls.active {
@@ -104,6 +122,22 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     core.shutdown().await;
     tracing::info!("stopped");
     served.context("serving the API failed")
+}
+
+/// Restores the core; while the backend cannot be reached (Nomad down), retries with back-off
+/// like Go's recovery loop instead of giving up.
+async fn restore(core: &Core) -> anyhow::Result<usize> {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match core.restore().await {
+            Err(CoreError::Recover(error)) => {
+                tracing::error!(%error, retry_in = ?delay, "cannot recover from the backend");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(MAX_RESTORE_DELAY);
+            }
+            result => return result.context("cannot restore the execution environments"),
+        }
+    }
 }
 
 pub(crate) fn local_config(config: &Config) -> anyhow::Result<LocalConfig> {

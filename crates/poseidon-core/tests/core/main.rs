@@ -3,5 +3,6 @@
 mod environments;
 mod executions;
 mod pools;
+mod recovery;
 mod runners;
 mod support;

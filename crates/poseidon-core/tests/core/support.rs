@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use poseidon_core::backend::{
     Backend, BackendError, ExecRequest, ExecutionHandle, ExitStatus, FileContent, FileEntry,
-    FileUpdate, FilesError, ListRequest, LostReason, MappedPort, Output, Runner,
+    FileUpdate, FilesError, ListRequest, LostReason, MappedPort, Output, Recovery, Runner,
 };
 use poseidon_core::environment::EnvironmentConfig;
 use poseidon_core::ids::{EnvironmentId, RunnerId};
@@ -35,6 +35,14 @@ pub struct TestBackend {
     pub fail_destroy: AtomicBool,
     pub creation_delay: Mutex<Duration>,
     pub runners: Mutex<Vec<Arc<TestRunner>>>,
+    /// What `recover` hands out (once).
+    pub recovery: Mutex<Option<Recovery>>,
+    /// Environments `delete_environment` was called for.
+    pub deleted_environments: Mutex<Vec<EnvironmentId>>,
+    /// Whether runners outlive the service (as Nomad's do).
+    pub outlive: AtomicBool,
+    /// Every `claimed` call: runner and inactivity timeout.
+    pub claims: Arc<Mutex<Vec<(RunnerId, Duration)>>>,
 }
 
 impl TestBackend {
@@ -96,10 +104,30 @@ impl Backend for TestBackend {
             self.failing_creations.store(failing - 1, Ordering::SeqCst);
             return Err(BackendError::Unavailable("no capacity".into()));
         }
+        Ok(self.new_runner(id, environment.exposed_ports.clone()))
+    }
+
+    async fn recover(&self) -> Result<Recovery, BackendError> {
+        Ok(self.recovery.lock().unwrap().take().unwrap_or_default())
+    }
+
+    async fn delete_environment(&self, id: EnvironmentId) -> Result<(), BackendError> {
+        self.deleted_environments.lock().unwrap().push(id);
+        Ok(())
+    }
+
+    fn runners_outlive_service(&self) -> bool {
+        self.outlive.load(Ordering::SeqCst)
+    }
+}
+
+impl TestBackend {
+    /// A runner counted as created (also used for runners handed out by `recover`).
+    pub fn new_runner(&self, id: RunnerId, exposed_ports: Vec<u16>) -> Arc<TestRunner> {
         self.created.fetch_add(1, Ordering::SeqCst);
         let runner = Arc::new(TestRunner {
             id,
-            exposed_ports: environment.exposed_ports.clone(),
+            exposed_ports,
             destroyed: AtomicBool::new(false),
             fail_destroy: self.fail_destroy.load(Ordering::SeqCst),
             destroyed_count: self.destroyed.clone(),
@@ -107,9 +135,10 @@ impl Backend for TestBackend {
             requests: Mutex::new(Vec::new()),
             stopped_executions: Arc::new(AtomicUsize::new(0)),
             file_operations: AtomicUsize::new(0),
+            claims: self.claims.clone(),
         });
         self.runners.lock().unwrap().push(runner.clone());
-        Ok(runner)
+        runner
     }
 }
 
@@ -123,6 +152,7 @@ pub struct TestRunner {
     pub requests: Mutex<Vec<ExecRequest>>,
     pub stopped_executions: Arc<AtomicUsize>,
     pub file_operations: AtomicUsize,
+    claims: Arc<Mutex<Vec<(RunnerId, Duration)>>>,
 }
 
 impl TestRunner {
@@ -195,6 +225,10 @@ impl Runner for TestRunner {
             return Err(BackendError::Internal("destroy failed".into()));
         }
         Ok(())
+    }
+
+    fn claimed(&self, inactivity_timeout: Duration) {
+        self.claims.lock().unwrap().push((self.id.clone(), inactivity_timeout));
     }
 
     async fn lost(&self) -> LostReason {

@@ -2,6 +2,9 @@
 //! loopback port and drives it the way CodeOcean does (JSON over HTTP with `Poseidon-Token` and
 //! `Content-Type: application/json` on every request, one WebSocket per execution).
 //!
+//! With `POSEIDON_E2E_BACKEND=nomad` the server uses the Nomad backend instead, against an
+//! in-process Nomad simulator whose allocations are sandboxes of the `host` image.
+//!
 //! Every test starts its own server (start-up takes a fraction of a second), so tests run in
 //! parallel without sharing state. Stopping a server is part of the test: it must exit on SIGTERM
 //! and leave no cgroup and no process behind.
@@ -106,11 +109,50 @@ impl ServerOptions {
     }
 }
 
-/// What survives a server restart: the state directory and the cgroup name.
+/// Whether the suite runs against the Nomad backend (`POSEIDON_E2E_BACKEND=nomad`).
+pub fn nomad_backend() -> bool {
+    std::env::var("POSEIDON_E2E_BACKEND").is_ok_and(|backend| backend == "nomad")
+}
+
+/// The Nomad simulator a server of the Nomad backend talks to; it outlives server restarts.
+#[derive(Debug)]
+pub struct NomadHome {
+    pub sim: nomad_sim::SimHandle,
+    _state: TempDir,
+}
+
+impl NomadHome {
+    async fn start(cgroup_name: &str) -> NomadHome {
+        let state = tempfile::Builder::new()
+            .prefix("poseidon-e2e-sim-")
+            .tempdir()
+            .expect("create the simulator's state directory");
+        let runtime = poseidon_sandbox::Runtime::new(poseidon_sandbox::RuntimeConfig {
+            state_dir: state.path().to_owned(),
+            init_program: env!("CARGO_BIN_EXE_poseidon").into(),
+            init_args: vec!["sandbox-init".into()],
+            cgroup_name: format!("{cgroup_name}-sim"),
+            uid_base: 100_000,
+            defaults: poseidon_sandbox::Limits {
+                pids: Some(512),
+                disk_mb: Some(512),
+                ..poseidon_sandbox::Limits::default()
+            },
+        })
+        .expect("sandbox runtime of the Nomad simulator (run the tests as root)");
+        let config = nomad_sim::SimConfig { runtime: Some(runtime), ..Default::default() };
+        let sim = nomad_sim::Simulator::start(config).await.expect("start the Nomad simulator");
+        NomadHome { sim, _state: state }
+    }
+}
+
+/// What survives a server restart: the state directory, the cgroup name and, with the Nomad
+/// backend, the simulated cluster.
 #[derive(Debug)]
 pub struct ServerHome {
     dir: TempDir,
     cgroup_name: String,
+    pub nomad: Option<NomadHome>,
 }
 
 impl ServerHome {
@@ -124,7 +166,8 @@ impl ServerHome {
             .tempdir()
             .expect("create the server's temporary directory");
         fs::create_dir(dir.path().join("state")).expect("create the state directory");
-        ServerHome { dir, cgroup_name: format!("e2e-{}-{number}", std::process::id()) }
+        let cgroup_name = format!("e2e-{}-{number}", std::process::id());
+        ServerHome { dir, cgroup_name, nomad: None }
     }
 
     fn config_path(&self) -> PathBuf {
@@ -153,7 +196,7 @@ local:
   cgroupname: {cgroup}
 {local}limits:
   shutdowngrace: {SHUTDOWN_GRACE_SECS}
-{ttl}",
+{ttl}{nomad}",
             token = json!(options.token.as_deref().unwrap_or("")),
             threshold = options.pool_threshold.unwrap_or(0.0),
             state = json!(self.dir.path().join("state")),
@@ -162,6 +205,10 @@ local:
             ttl = options
                 .stored_execution_ttl
                 .map_or_else(String::new, |ttl| format!("  storedexecutionttl: {ttl}\n")),
+            nomad = self.nomad.as_ref().map_or_else(String::new, |nomad| format!(
+                "nomad:\n  enabled: true\n  address: 127.0.0.1\n  port: {}\n  reconcileinterval: 2\n",
+                nomad.sim.address().port()
+            )),
         );
         fs::write(self.config_path(), yaml).expect("write the server configuration");
     }
@@ -185,7 +232,10 @@ impl TestServer {
     }
 
     /// Starts a server on `home`, e.g. the home of a stopped server to test a restart.
-    pub async fn start_in(home: ServerHome, options: ServerOptions) -> TestServer {
+    pub async fn start_in(mut home: ServerHome, options: ServerOptions) -> TestServer {
+        if nomad_backend() && home.nomad.is_none() {
+            home.nomad = Some(NomadHome::start(&home.cgroup_name).await);
+        }
         let addr = free_loopback_addr();
         home.write_config(addr.port(), &options);
         let child = spawn_server(&home, &options.env);
@@ -251,6 +301,18 @@ impl TestServer {
     /// The server's configuration file, for `poseidon image … --config` on the same state.
     pub fn config_path(&self) -> PathBuf {
         self.home.as_ref().expect("the server has a home").config_path()
+    }
+
+    /// The Nomad simulator behind a server of the Nomad backend.
+    pub fn nomad_sim(&self) -> Option<&nomad_sim::SimHandle> {
+        self.home.as_ref()?.nomad.as_ref().map(|nomad| &nomad.sim)
+    }
+
+    /// Runner jobs of environment `env` in the Nomad simulator.
+    pub fn nomad_runner_jobs(&self, env: u32) -> Vec<String> {
+        let sim = self.nomad_sim().expect("a server of the Nomad backend");
+        let prefix = format!("{env}-");
+        sim.jobs().into_iter().map(|job| job.id).filter(|id| id.starts_with(&prefix)).collect()
     }
 
     /// The server's resident memory in KiB, to check that buffers stay bounded.
