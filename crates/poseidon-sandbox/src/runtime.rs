@@ -220,11 +220,14 @@ impl Runtime {
         limits.validate()?;
         let cgroup = self.inner.layout.runner(&self.inner.config.cgroup_name, &spec.name);
         cgroup.create()?;
+        let unfinished = UnfinishedCgroup(Some(cgroup.clone()));
         let started = async {
             cgroup.apply(&self.cgroup_limits(&limits))?;
             self.start_init(&spec, &limits, &cgroup, networked).await
         };
-        match started.await {
+        let started = started.await;
+        unfinished.disarm();
+        match started {
             Ok(init) => Ok(Sandbox::new(self.clone(), spec, limits, cgroup, init)),
             Err(e) => {
                 let _ = tokio::task::spawn_blocking(move || {
@@ -686,6 +689,26 @@ impl Sandbox {
     fn forget_executions(&self) {
         self.lock_executions().clear();
         self.shared.exited.send_replace(true);
+    }
+}
+
+/// Removes a runner's cgroups when its creation is dropped half-way (a cancelled future, e.g.
+/// when the caller's runtime shuts down); the init itself dies with its `kill_on_drop` child.
+struct UnfinishedCgroup(Option<RunnerCgroup>);
+
+impl UnfinishedCgroup {
+    /// The creation finished, well or not: its own code cleans up from here.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for UnfinishedCgroup {
+    fn drop(&mut self) {
+        if let Some(cgroup) = self.0.take() {
+            let _ = cgroup.kill_all();
+            let _ = cgroup.remove();
+        }
     }
 }
 

@@ -74,7 +74,10 @@ pub async fn within<F: Future>(body: F) -> F::Output {
 pub async fn with_server(options: ServerOptions, test: impl AsyncFnOnce(&TestServer)) {
     let server = TestServer::start(options).await;
     within(test(&server)).await;
-    server.stop().await;
+    let home = server.stop().await;
+    if let Some(nomad) = home.nomad {
+        nomad.sim.shutdown().await;
+    }
 }
 
 /// Like [`with_server`], with environment 1 (pool size 1) created and one runner claimed.
