@@ -108,6 +108,19 @@ async fn nothing_leaks_after_many_cycles() {
     // The aborted reader task releases the control socket at its next poll.
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(footprint(top, "cycles"), after);
+    // Nor may a creation dropped half-way (polled once: its cgroups and init exist by then).
+    let spec = SandboxSpec {
+        name: unique_name("cancelled"),
+        image: runtime.host_image(),
+        limits: Limits::default(),
+    };
+    let cancelled = tokio::time::timeout(Duration::ZERO, runtime.create(spec)).await;
+    assert!(cancelled.is_err(), "the creation was not cut short");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while footprint(top, "cycles") != after && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(footprint(top, "cycles"), after);
 }
 
 #[tokio::test]
