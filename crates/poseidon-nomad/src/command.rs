@@ -77,6 +77,8 @@ pub(crate) fn single(request: &ExecRequest, pid_file: &str) -> Vec<String> {
 /// its own output. Improvements over Go: the main side creates the fifo, so it never waits for
 /// a reader that failed to start beyond what the service bounds, falls back to a merged stderr
 /// when the fifo cannot be made, and removes the fifo itself; the reader gives up after 10 s.
+/// The main side ends with the command's status rather than `exit`, so that the tracking
+/// layer (which runs it inline when privileged) still removes its pid file.
 pub(crate) fn split_stderr(
     request: &ExecRequest,
     fifo: &str,
@@ -86,7 +88,7 @@ pub(crate) fn split_stderr(
     let user = user_command(request);
     let main = format!(
         "if mkfifo -m 600 {fifo} 2>/dev/null; then ({user}) 2> {fifo}; ec=$?; rm -f {fifo}; \
-         exit $ec; else {user}; fi"
+         (exit $ec); else {user}; fi"
     );
     let reader = format!(
         "for _ in $(seq {FIFO_WAIT_TICKS}); do if [ -p {fifo} ]; then exec cat {fifo}; fi; \
@@ -119,11 +121,11 @@ mod tests {
         }
     }
 
-    fn pid_file(name: &str) -> String {
-        std::env::temp_dir()
-            .join(format!("poseidon-{name}-{}.pid", std::process::id()))
-            .display()
-            .to_string()
+    /// A pid file in a directory of its own, removed with the returned guard.
+    fn pid_file(name: &str) -> (tempfile::TempDir, String) {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join(format!("{name}.pid")).display().to_string();
+        (directory, path)
     }
 
     /// Runs an argv built for the privileged case with the host's bash.
@@ -132,25 +134,27 @@ mod tests {
         (String::from_utf8_lossy(&output.stdout).into_owned(), output.status.code().unwrap_or(-1))
     }
 
-    fn single_for_test(request: &ExecRequest) -> Vec<String> {
-        single(request, &pid_file("single"))
+    fn single_for_test(request: &ExecRequest) -> (tempfile::TempDir, Vec<String>) {
+        let (directory, pid_file) = pid_file("single");
+        (directory, single(request, &pid_file))
     }
 
     #[test]
     fn quoting_keeps_every_byte() {
         assert_eq!(quote("it's"), r"'it'\''s'");
         let tricky = "echo \"$HOME\" '`x`' $(id) \\ \u{fc}\nprintf 'two\\tlines'";
-        let (out, code) = run(&single_for_test(&request(
+        let (_directory, argv) = single_for_test(&request(
             &format!("printf '%s' {}", quote(tricky)),
             &[("A", "x y $B")],
             true,
-        )));
+        ));
+        let (out, code) = run(&argv);
         assert_eq!((out.as_str(), code), (tricky, 0));
     }
 
     #[test]
     fn variables_arrive_verbatim_and_nomad_ones_are_removed() {
-        let argv = single_for_test(&request(
+        let (_directory, argv) = single_for_test(&request(
             "printf '%s|%s' \"$A\" \"${NOMAD_X-unset}\"",
             &[("A", "a b'$c")],
             true,
@@ -162,8 +166,9 @@ mod tests {
 
     #[test]
     fn exit_codes_propagate_and_unprivileged_commands_use_setuser() {
-        assert_eq!(run(&single_for_test(&request("exit 3", &[], true))).1, 3);
-        let argv = single_for_test(&request("id", &[], false));
+        let (_directory, argv) = single_for_test(&request("exit 3", &[], true));
+        assert_eq!(run(&argv).1, 3);
+        let (_directory, argv) = single_for_test(&request("id", &[], false));
         assert!(argv[2].contains("then /sbin/setuser user /bin/bash -c "));
         assert!(argv[2].contains("else setpriv --reuid=user --regid=user"));
         assert!(internal("ls", false)[2].contains("then exec /sbin/setuser user"));
@@ -171,26 +176,22 @@ mod tests {
 
     #[test]
     fn split_stderr_delivers_stderr_through_the_fifo_and_removes_it() {
-        let directory = std::env::temp_dir().join(format!("poseidon-fifo-{}", std::process::id()));
-        std::fs::create_dir_all(&directory).unwrap();
-        let fifo = directory.join("stderr.fifo").display().to_string();
-        let (main, reader) = split_stderr(
-            &request("echo out; echo err >&2; exit 4", &[], true),
-            &fifo,
-            &pid_file("split"),
-        );
+        let (directory, pid_file) = pid_file("split");
+        let fifo = directory.path().join("stderr.fifo").display().to_string();
+        let (main, reader) =
+            split_stderr(&request("echo out; echo err >&2; exit 4", &[], true), &fifo, &pid_file);
         let reader = std::thread::spawn(move || run(&reader));
         let (out, code) = run(&main);
         let (err, _) = reader.join().unwrap();
         assert_eq!((out.as_str(), code, err.as_str()), ("out\n", 4, "err\n"));
         assert!(!std::path::Path::new(&fifo).exists());
-        std::fs::remove_dir_all(&directory).unwrap();
+        assert!(!std::path::Path::new(&pid_file).exists(), "the pid file is removed");
     }
 
     #[test]
     fn a_stop_kills_the_whole_process_group_and_the_pid_file_goes() {
         use std::os::unix::process::CommandExt;
-        let pid_file = pid_file("kill");
+        let (_directory, pid_file) = pid_file("kill");
         let argv = single(&request("sleep 1000 & sleep 1000", &[], true), &pid_file);
         let mut child = Command::new(&argv[0]).args(&argv[1..]).process_group(0).spawn().unwrap();
         let started = std::time::Instant::now();
