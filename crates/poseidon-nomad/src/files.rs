@@ -108,27 +108,7 @@ fn write_octal(field: &mut [u8], value: u64) {
 /// Go's `path.Clean`: `test/` → `test`, `a/../b` → `b`, `./x` → `x`; `/..` stays at the root,
 /// a relative `..` is kept.
 pub(crate) fn clean(path: &str) -> String {
-    let absolute = path.starts_with('/');
-    let mut parts: Vec<&str> = Vec::new();
-    for part in path.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => match parts.last() {
-                Some(&last) if last != ".." => {
-                    parts.pop();
-                }
-                _ if absolute => {}
-                _ => parts.push(".."),
-            },
-            other => parts.push(other),
-        }
-    }
-    let joined = parts.join("/");
-    match (absolute, joined.is_empty()) {
-        (true, _) => format!("/{joined}"),
-        (false, true) => ".".to_owned(),
-        (false, false) => joined,
-    }
+    path_clean::clean(path).to_string_lossy().into_owned()
 }
 
 /// The entries of `ls -l` output: section headers (`dir:`) set the prefix of the following

@@ -127,29 +127,7 @@ pub(super) fn file_type(stat: &FileStat) -> SFlag {
 /// Go's `path.Clean`, which the Go Poseidon applies to upload and delete paths: `a/../b` →
 /// `b`, `test/` → `test`, leading `..` of relative paths kept, `..` above `/` dropped.
 pub(super) fn clean(path: &str) -> String {
-    let rooted = path.starts_with('/');
-    let mut parts: Vec<&str> = Vec::new();
-    for part in path.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => match parts.last() {
-                Some(&last) if last != ".." => {
-                    parts.pop();
-                }
-                _ if rooted => {}
-                _ => parts.push(".."),
-            },
-            _ => parts.push(part),
-        }
-    }
-    let joined = parts.join("/");
-    if rooted {
-        format!("/{joined}")
-    } else if joined.is_empty() {
-        ".".to_owned()
-    } else {
-        joined
-    }
+    path_clean::clean(path).to_string_lossy().into_owned()
 }
 
 /// Splits an absolute path into its parent directory and its last component.
