@@ -343,7 +343,8 @@ job "template-0" {
 #[tokio::test]
 async fn an_hcl_template_file_is_parsed_by_nomad_and_used() {
     let sim = simulator(None).await;
-    let file = std::env::temp_dir().join(format!("poseidon-template-{}.hcl", std::process::id()));
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("job.hcl");
     std::fs::write(&file, TEMPLATE_HCL).unwrap();
     let backend = NomadBackend::start(NomadConfig {
         template: poseidon_nomad::TemplateSource::File(file.clone()),
@@ -351,7 +352,6 @@ async fn an_hcl_template_file_is_parsed_by_nomad_and_used() {
     })
     .await
     .expect("an HCL template");
-    std::fs::remove_file(&file).unwrap();
     let core = Core::new(Arc::new(backend), CoreConfig::default());
     core.put_environment(environment(1)).await.unwrap();
     eventually("the pool is full", || idle(&core) == 1).await;
@@ -364,9 +364,8 @@ async fn an_hcl_template_file_is_parsed_by_nomad_and_used() {
 #[tokio::test]
 async fn a_json_template_file_is_used_and_hcl_goes_through_nomads_parser() {
     let sim = simulator(None).await;
-    let directory = std::env::temp_dir().join(format!("poseidon-template-{}", std::process::id()));
-    std::fs::create_dir_all(&directory).unwrap();
-    let json = directory.join("job.json");
+    let directory = tempfile::tempdir().unwrap();
+    let json = directory.path().join("job.json");
     let mut template = serde_json::json!({"Job": {
         "ID": "template-0", "Type": "batch", "Datacenters": ["dc-custom"],
         "TaskGroups": [
@@ -391,7 +390,7 @@ async fn a_json_template_file_is_used_and_hcl_goes_through_nomads_parser() {
     let registered = sim.jobs().into_iter().find(|job| job.id == "template-7").unwrap();
     assert_eq!(registered.job["Datacenters"], serde_json::json!(["dc-custom"]));
 
-    let hcl = directory.join("job.hcl");
+    let hcl = directory.path().join("job.hcl");
     std::fs::write(&hcl, "job \"template-0\" {\n  this is no job\n}\n").unwrap();
     let error = NomadBackend::start(NomadConfig {
         template: poseidon_nomad::TemplateSource::File(hcl),
@@ -411,7 +410,6 @@ async fn a_json_template_file_is_used_and_hcl_goes_through_nomads_parser() {
     .await
     .unwrap_err();
     assert!(error.to_string().contains("no group config"), "{error}");
-    std::fs::remove_dir_all(&directory).unwrap();
     sim.shutdown().await;
 }
 
