@@ -148,6 +148,24 @@ pub(crate) struct Session {
 }
 
 impl Session {
+    /// A session of an internal command (file operations, kills): no terminal, no input, output
+    /// as Nomad sends it, stopped only by the runner's death.
+    pub(crate) fn internal(
+        socket: Socket,
+        output: mpsc::Sender<Output>,
+        dead: CancellationToken,
+    ) -> Session {
+        Session {
+            socket,
+            stdin: None,
+            output,
+            channel: Channel::Native,
+            tty: false,
+            stop: CancellationToken::new(),
+            dead,
+        }
+    }
+
     /// Runs the session to its end; the exit status, or why there is none.
     pub(crate) async fn run(mut self) -> Result<ExitStatus, BackendError> {
         let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);

@@ -101,16 +101,7 @@ impl NomadRunner {
                 let target = client.exec_target(&allocation, RUNNER_TASK, false, &argv)?;
                 let socket = exec::connect(&target).await.map_err(BackendError::from)?;
                 let (output, _receiver) = mpsc::channel(1);
-                let session = Session {
-                    socket,
-                    stdin: None,
-                    output,
-                    channel: Channel::Native,
-                    tty: false,
-                    stop: CancellationToken::new(),
-                    dead,
-                };
-                session.run().await.map(drop)
+                Session::internal(socket, output, dead).run().await.map(drop)
             };
             match tokio::time::timeout(KILL_TIMEOUT, killing).await {
                 Ok(Ok(())) => {}
@@ -154,15 +145,7 @@ impl NomadRunner {
             sender.try_send(bytes).expect("room for one chunk");
             receiver
         });
-        let session = Session {
-            socket,
-            stdin,
-            output,
-            channel: Channel::Native,
-            tty: false,
-            stop: CancellationToken::new(),
-            dead: self.dead.clone(),
-        };
+        let session = Session { stdin, ..Session::internal(socket, output, self.dead.clone()) };
         let running = tokio::spawn(session.run());
         let mut collected = Collected::default();
         while let Some(chunk) = receiver.recv().await {
@@ -179,15 +162,8 @@ impl NomadRunner {
             self.connect(&command::internal(&files::read_script(path), privileged), false).await?;
         let (output, mut receiver) = mpsc::channel(CHANNEL_CAPACITY);
         let stop = CancellationToken::new();
-        let session = Session {
-            socket,
-            stdin: None,
-            output,
-            channel: Channel::Native,
-            tty: false,
-            stop: stop.clone(),
-            dead: self.dead.clone(),
-        };
+        let session =
+            Session { stop: stop.clone(), ..Session::internal(socket, output, self.dead.clone()) };
         let running = tokio::spawn(session.run());
         let mut head = BytesMut::new();
         let newline = loop {

@@ -29,69 +29,32 @@ struct Certificates {
 impl Certificates {
     fn make() -> Certificates {
         let dir = tempfile::tempdir().expect("temp dir");
-        let openssl = |args: &[&str]| {
+        // Every argument is one word, so each command is written as a line.
+        let openssl = |command: &str| {
+            let args: Vec<&str> = command.split_whitespace().collect();
             let status = Command::new("openssl")
-                .args(args)
+                .args(&args)
                 .current_dir(dir.path())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .status()
                 .expect("run openssl (Debian: apt-get install openssl)");
-            assert!(status.success(), "openssl {args:?}");
+            assert!(status.success(), "openssl {command}");
         };
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=test-ca",
-        ]);
+        let new_key = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+        openssl(&format!(
+            "req -x509 {new_key} -keyout ca.key -out ca.pem -days 1 -subj /CN=test-ca"
+        ));
         for (name, extension) in [
             ("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
             ("client", "extendedKeyUsage=clientAuth"),
         ] {
             std::fs::write(dir.path().join(format!("{name}.ext")), extension).unwrap();
-            openssl(&[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={name}"),
-            ]);
-            openssl(&[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "1",
-                "-extfile",
-                &format!("{name}.ext"),
-                "-out",
-                &format!("{name}.pem"),
-            ]);
+            openssl(&format!("req {new_key} -keyout {name}.key -out {name}.csr -subj /CN={name}"));
+            openssl(&format!(
+                "x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 \
+                 -extfile {name}.ext -out {name}.pem"
+            ));
         }
         Certificates { dir }
     }

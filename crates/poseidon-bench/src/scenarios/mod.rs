@@ -140,20 +140,33 @@ impl Bench<'_> {
     /// Waits until `environment` has at least `wanted` idle runners; returns how long it took.
     async fn await_idle(&self, environment: u64, wanted: u64) -> Result<Duration, ScenarioError> {
         let progress = Progress::start(format!("environment {environment}: idle runners"), wanted);
+        let waited =
+            self.poll_idle(environment, wanted, FILL_POLL, |idle| progress.set(idle)).await;
+        progress.finish();
+        waited
+    }
+
+    /// Polls the statistics every `poll` (bounded by `--fill-timeout`) until `environment` has
+    /// at least `wanted` idle runners, telling `seen` each count; returns how long it took.
+    async fn poll_idle(
+        &self,
+        environment: u64,
+        wanted: u64,
+        poll: Duration,
+        seen: impl Fn(u64),
+    ) -> Result<Duration, ScenarioError> {
         let started = Instant::now();
         loop {
             let idle = self.client.environment_statistics(environment).await?.idle_runners;
-            progress.set(idle);
+            seen(idle);
             if idle >= wanted {
-                progress.finish();
                 return Ok(started.elapsed());
             }
-            if started.elapsed() >= self.sizes.fill_timeout {
-                progress.finish();
-                let waited = started.elapsed();
+            let waited = started.elapsed();
+            if waited >= self.sizes.fill_timeout {
                 return Err(ScenarioError::PoolNotFilled { environment, idle, wanted, waited });
             }
-            tokio::time::sleep(FILL_POLL).await;
+            tokio::time::sleep(poll).await;
         }
     }
 

@@ -72,30 +72,10 @@ async fn measure(
         let started = Instant::now();
         let claim = bench.client.claim(environment, bench.sizes.fill_timeout).await?;
         bench.client.destroy(&claim.runner_id).await?;
-        await_full_pool(bench, environment, pool).await?;
+        bench.poll_idle(environment, pool, CHURN_POLL, |_| {}).await?;
         samples.replacement_ms.push(millis(started.elapsed()));
         progress.set(round as u64 + 1);
     }
     progress.finish();
     Ok(())
-}
-
-/// Polls (quietly, every [`CHURN_POLL`]) until `environment` has `pool` idle runners again.
-async fn await_full_pool(
-    bench: &Bench<'_>,
-    environment: u64,
-    pool: u64,
-) -> Result<(), ScenarioError> {
-    let started = Instant::now();
-    loop {
-        let idle = bench.client.environment_statistics(environment).await?.idle_runners;
-        if idle >= pool {
-            return Ok(());
-        }
-        let waited = started.elapsed();
-        if waited >= bench.sizes.fill_timeout {
-            return Err(ScenarioError::PoolNotFilled { environment, idle, wanted: pool, waited });
-        }
-        tokio::time::sleep(CHURN_POLL).await;
-    }
 }
